@@ -1,0 +1,189 @@
+"""The ``tgi-core`` command: ``serve``, ``config`` and ``plugins``.
+
+Every ``ServeConfig`` setting is a flag of ``serve`` and ``config``, generated from the
+config's own field descriptions, so the help, the docs and the loader never disagree.
+Errors raised on purpose (:class:`~tgi_core.errors.TGIError`) print as one line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import click
+
+from tgi_core.config import FIELDS, FILE_ONLY_FIELDS, FieldInfo, ResolvedConfig, load_config
+from tgi_core.errors import TGIError
+
+CONFIG_FILE_ENV = "TGI_CONFIG"
+
+
+class _Group(click.Group):
+    """Turns a TGIError into click's one-line ``Error: ...`` with the error's exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TGIError as exc:
+            error = click.ClickException(str(exc))
+            error.exit_code = exc.exit_code
+            raise error from None
+
+
+class _ConfigCommand(click.Command):
+    """A command whose help lists the config flags in groups (Model, Server, ...)."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            info = FIELDS.get(param.name or "")
+            groups.setdefault(info.group if info else "Options", []).append(record)
+        for title, records in sorted(groups.items(), key=lambda item: item[0] != "Options"):
+            with formatter.section(title):
+                formatter.write_dl(records)
+
+
+def _show_default(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(value) or "empty"
+    return str(value)
+
+
+def _metavar(info: FieldInfo) -> str:
+    if info.allowed.startswith("one of "):
+        choices = info.allowed.removeprefix("one of ").removesuffix(" (or unset)")
+        return "[" + "|".join(choices.split(", ")) + "]"
+    if "integer" in info.allowed:
+        return "INT"
+    if "number" in info.allowed:
+        return "FLOAT"
+    return "TEXT"
+
+
+def _config_option(info: FieldInfo) -> click.Option:
+    help_text = f"{info.description}  [default: {_show_default(info.default)}; env: {info.env}]"
+    if info.is_bool:
+        name = info.flag.removeprefix("--")
+        return click.Option([f"--{name}/--no-{name}", info.name], default=None, help=help_text)
+    if info.is_list:
+        return click.Option(
+            [info.flag, info.name], multiple=True, default=(), metavar="TEXT", help=help_text
+        )
+    return click.Option(
+        [info.flag, info.name], default=None, metavar=_metavar(info), help=help_text
+    )
+
+
+def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--config`` and one flag per ServeConfig setting to a click command."""
+    for info in reversed(FIELDS.values()):
+        if info.name not in FILE_ONLY_FIELDS:
+            command = _add_param(command, _config_option(info))
+    config_file = click.Option(
+        ["--config", "config_file"],
+        metavar="FILE",
+        default=None,
+        help=f"A TOML or YAML file of settings, below env and flags.  [env: {CONFIG_FILE_ENV}]",
+    )
+    return _add_param(command, config_file)
+
+
+def _add_param(command: Callable[..., Any], param: click.Parameter) -> Callable[..., Any]:
+    params: list[click.Parameter] = getattr(command, "__click_params__", [])
+    params.append(param)
+    command.__click_params__ = params  # type: ignore[attr-defined]
+    return command
+
+
+def resolve(config_file: str | None, flags: dict[str, Any]) -> ResolvedConfig:
+    """Build the effective config from ``--config``, the environment and given flags."""
+    import os
+
+    given = {
+        name: value
+        for name, value in flags.items()
+        if name in FIELDS and value is not None and value != ()
+    }
+    config_file = config_file or os.environ.get(CONFIG_FILE_ENV) or None
+    return load_config(cli=given, config_file=config_file)
+
+
+@click.group(
+    cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
+@click.version_option(package_name="tgi-core", prog_name="tgi-core")
+def cli() -> None:
+    """tgi: serve large language models with continuous batching, extended by plugins."""
+
+
+@cli.command(cls=_ConfigCommand)
+@config_options
+def serve(config_file: str | None, **flags: Any) -> None:
+    """Serve a model over TGI's REST API and the OpenAI API."""
+    from tgi_core.serving import serve as run_server
+
+    run_server(resolve(config_file, flags))
+
+
+@cli.command("config", cls=_ConfigCommand)
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def show_config(config_file: str | None, as_json: bool, **flags: Any) -> None:
+    """Print the effective configuration and where each value came from."""
+    from tgi_core.plugins import make_plugin_manager
+    from tgi_core.registry import Registry
+
+    resolved = resolve(config_file, flags)
+    resolved = resolved.with_plugin_sections(Registry.build(make_plugin_manager()))
+    if as_json:
+        click.echo(json.dumps(resolved.to_dict(), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("setting", "value", "source", box=None, pad_edge=False)
+    for name, value, source in resolved.rows():
+        if name in FILE_ONLY_FIELDS:
+            continue
+        table.add_row(name, _show_default(value), source.short())
+    for section_name, section in resolved.plugin_sections.items():
+        for key, value in _struct_items(section):
+            table.add_row(
+                f"plugins.{section_name}.{key}",
+                _show_default(value),
+                resolved.sources["plugins"].short(),
+            )
+    Console().print(table)
+
+
+def _struct_items(struct: Any) -> Iterable[tuple[str, Any]]:
+    return ((name, getattr(struct, name)) for name in struct.__struct_fields__)
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_plugins(as_json: bool) -> None:
+    """List installed plugins and what each registered."""
+    from tgi_core.listing import plugins_as_json, render_plugins_table
+    from tgi_core.plugins import make_plugin_manager
+    from tgi_core.registry import Registry
+
+    registry = Registry.build(make_plugin_manager())
+    if as_json:
+        click.echo(json.dumps(plugins_as_json(registry), indent=2))
+    else:
+        render_plugins_table(registry)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="tgi-core")

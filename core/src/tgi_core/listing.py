@@ -1,0 +1,93 @@
+"""What ``tgi-core plugins`` prints: installed plugins and what each registered."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tgi_core.registry import Registry
+from tgi_core.specs import (
+    AnySpec,
+    AttentionBackendSpec,
+    ConfigSectionSpec,
+    FrontendSpec,
+    ModelSpec,
+    QuantizerSpec,
+)
+
+#: JSON key of each registry kind, in listing order.
+_KINDS = {
+    "model": "models",
+    "attention backend": "attention_backends",
+    "quantizer": "quantizers",
+    "frontend": "frontends",
+    "config section": "config_sections",
+}
+
+
+def spec_as_json(spec: AnySpec) -> dict[str, Any]:
+    """A spec as plain JSON values (sets sorted, factories and schemas as text)."""
+    result: dict[str, Any] = {}
+    for spec_field in dataclasses.fields(spec):
+        value = getattr(spec, spec_field.name)
+        if spec_field.name == "factory":
+            value = spec.factory_ref()  # type: ignore[union-attr]
+        elif spec_field.name == "schema":
+            value = {
+                "name": f"{value.__module__}.{value.__qualname__}",
+                "fields": list(value.__struct_fields__),
+            }
+        elif isinstance(value, frozenset):
+            value = sorted(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        result[spec_field.name] = value
+    return result
+
+
+def plugins_as_json(registry: Registry) -> dict[str, Any]:
+    """``tgi-core plugins --json``: one object per plugin, in load order."""
+    plugins = []
+    for info in registry.plugins:
+        entry: dict[str, Any] = dataclasses.asdict(info)
+        registered = registry.registered_by(info.name)
+        for kind, key in _KINDS.items():
+            entry[key] = [spec_as_json(spec) for spec in registered.get(kind, [])]
+        plugins.append(entry)
+    return {"plugins": plugins}
+
+
+def describe_spec(spec: AnySpec) -> str:
+    """One line saying what a spec provides, for the table."""
+    if isinstance(spec, ModelSpec):
+        extra = f" ({spec.kind})" if spec.kind != "causal" else ""
+        return f"model {spec.name}{extra}: {', '.join(spec.architectures)}"
+    if isinstance(spec, AttentionBackendSpec):
+        features = ", ".join(sorted(spec.features)) or "no features"
+        return f"attention {spec.name} on {'/'.join(spec.devices)}: {features}"
+    if isinstance(spec, QuantizerSpec):
+        loads = f" (loads {', '.join(spec.quant_methods)})" if spec.quant_methods else ""
+        return f"quantizer {spec.name}{loads}"
+    if isinstance(spec, FrontendSpec):
+        routes = f": {' '.join(spec.routes)}" if spec.routes else ""
+        return f"frontend {spec.name}{routes}"
+    assert isinstance(spec, ConfigSectionSpec)
+    return f"config [plugins.{spec.name}]"
+
+
+def render_plugins_table(registry: Registry) -> None:
+    """Print the plugin table to the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("plugin", "distribution", "version", "registered", box=None, pad_edge=False)
+    for info in registry.plugins:
+        registered = registry.registered_by(info.name)
+        lines = [describe_spec(spec) for kind in _KINDS for spec in registered.get(kind, [])]
+        distribution = f"{info.distribution} (built-in)" if info.builtin else info.distribution
+        table.add_row(info.name, distribution, info.version, "\n".join(lines) or "nothing")
+    console = Console()
+    if not registry.plugins:
+        console.print("No plugins installed.")
+        return
+    console.print(table)
