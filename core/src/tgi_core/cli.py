@@ -147,8 +147,9 @@ def show_config(config_file: str | None, as_json: bool, **flags: Any) -> None:
     if as_json:
         click.echo(json.dumps(resolved.to_dict(), indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from tgi_core.listing import console
 
     table = Table("setting", "value", "source", box=None, pad_edge=False)
     for name, value, source in resolved.rows():
@@ -162,7 +163,7 @@ def show_config(config_file: str | None, as_json: bool, **flags: Any) -> None:
                 _show_default(value),
                 resolved.sources["plugins"].short(),
             )
-    Console().print(table)
+    console().print(table)
 
 
 def _struct_items(struct: Any) -> Iterable[tuple[str, Any]]:

@@ -75,9 +75,16 @@ def describe_spec(spec: AnySpec) -> str:
     return f"config [plugins.{spec.name}]"
 
 
+def console() -> Any:
+    """A rich console; when output is not a terminal, lines are never cut or wrapped."""
+    from rich.console import Console
+
+    terminal = Console()
+    return terminal if terminal.is_terminal else Console(width=10_000)
+
+
 def render_plugins_table(registry: Registry) -> None:
     """Print the plugin table to the terminal."""
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("plugin", "distribution", "version", "registered", box=None, pad_edge=False)
@@ -86,8 +93,7 @@ def render_plugins_table(registry: Registry) -> None:
         lines = [describe_spec(spec) for kind in _KINDS for spec in registered.get(kind, [])]
         distribution = f"{info.distribution} (built-in)" if info.builtin else info.distribution
         table.add_row(info.name, distribution, info.version, "\n".join(lines) or "nothing")
-    console = Console()
     if not registry.plugins:
-        console.print("No plugins installed.")
+        console().print("No plugins installed.")
         return
-    console.print(table)
+    console().print(table)

@@ -82,7 +82,8 @@ class TGIPluginManager(pluggy.PluginManager):
         try:
             self.register(plugin, name=info.name)
         except pluggy.PluginValidationError as exc:
-            raise PluginError(f"{info.describe()} is invalid: {exc}") from exc
+            detail = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            raise PluginError(f"{info.describe()} is invalid: {detail}") from exc
         self._infos[info.name] = info
 
     def load_builtins(self, modules: Iterable[str] = DEFAULT_PLUGINS) -> None:
@@ -184,7 +185,7 @@ def parse_allow_list(environ: Mapping[str, str]) -> frozenset[str] | None:
     raw = environ.get(LOAD_PLUGINS_ENV)
     if raw is None:
         return None
-    return frozenset(_normalize(part) for part in raw.split(",") if part.strip())
+    return frozenset(_normalize(part.strip()) for part in raw.split(",") if part.strip())
 
 
 def _check_allow_list(allow: frozenset[str]) -> None:

@@ -1,0 +1,91 @@
+"""Render the configuration reference (docs/configuration.md) from ``ServeConfig``.
+
+Run ``python -m tgi_core.config_docs > docs/configuration.md`` (``make docs``); a test
+fails when the committed file is stale.
+"""
+
+from __future__ import annotations
+
+from itertools import groupby
+
+from tgi_core.config import FIELDS, FILE_ONLY_FIELDS
+
+_HEADER = """\
+# Configuration reference
+
+<!-- Generated from tgi_core.config.ServeConfig by `make docs`; do not edit by hand. -->
+
+`tgi-core serve` reads its settings from four sources, lowest to highest precedence:
+
+1. the defaults below;
+2. a config file, `--config FILE` (or `TGI_CONFIG=FILE`), in TOML (`.toml`) or YAML
+   (`.yaml`, `.yml`), whose keys are the setting names below (`max_total_tokens` or
+   `max-total-tokens`);
+3. environment variables, with TGI's names (`MODEL_ID`, `PORT`, ...); a variable set to
+   the empty string counts as unset;
+4. command-line flags (`--model-id`, `--port`, ...).
+
+`tgi-core config` prints the effective configuration and the source of every value;
+it takes the same flags as `serve`. An unknown key, a malformed value or one out of
+range stops startup with a message that names the key, its source and what is allowed.
+List settings (`cors_allow_origin`) take comma-separated values in the environment and
+on the command line, where the flag may also be repeated.
+
+Differences from TGI's launcher: the default port is 8080 (TGI: 3000; its Docker image
+80), so the examples copied from TGI's documentation work as written; the bind address
+is read from `TGI_HOSTNAME`, not `HOSTNAME`, which shells and containers set to the
+machine's name.
+
+A complete example: [`examples/deploy.toml`](examples/deploy.toml).
+"""
+
+_PLUGINS = """\
+## Plugin sections
+
+Plugins add their own settings as `[plugins.NAME]` tables of the config file, each
+validated against a schema the plugin registers through the `register_config_sections`
+hook (see [plugins.md](plugins.md)). `tgi-core plugins` lists the sections installed
+plugins provide, and `tgi-core config` shows their effective values. A table that names
+no installed section is an error.
+
+```toml
+[plugins.hello]
+greeting = "Bonjour"
+```
+"""
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _default(value: object) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, list):
+        return "`[]`" if not value else f"`{value}`"
+    return f"`{value}`"
+
+
+def render() -> str:
+    """The whole configuration reference, as Markdown."""
+    parts = [_HEADER]
+    settings = [info for info in FIELDS.values() if info.name not in FILE_ONLY_FIELDS]
+    for group, infos in groupby(settings, key=lambda info: info.group):
+        parts.append(f"## {group}\n")
+        parts.append("| key | flag | env | default | allowed | description |")
+        parts.append("|---|---|---|---|---|---|")
+        for info in infos:
+            parts.append(
+                f"| `{info.name}` | `{info.flag}` | `{info.env}` | {_default(info.default)} "
+                f"| {_cell(info.allowed)} | {_cell(info.description)} |"
+            )
+        parts.append("")
+    parts.append(_PLUGINS)
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(render(), end="")

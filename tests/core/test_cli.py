@@ -1,0 +1,109 @@
+"""The tgi-core command: help, config, plugins, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tgi_core.cli import cli
+from tgi_core.config import FIELDS, FILE_ONLY_FIELDS
+
+
+@pytest.fixture
+def run(clean_environ):
+    def invoke(*args: str, env: dict[str, str] | None = None):
+        return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+    return invoke
+
+
+def test_serve_help_lists_every_option_with_default_and_env(run) -> None:
+    result = run("serve", "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for info in FIELDS.values():
+        if info.name in FILE_ONLY_FIELDS:
+            continue
+        assert info.flag in text, info.name
+        assert f"env: {info.env}]" in text, info.name
+    assert "--port INT Port to listen on. [default: 8080; env: PORT]" in text
+    assert "--prefix-caching / --no-prefix-caching" in text
+    for group in ("Model:", "KV cache:", "Batching:", "Limits:", "Server:", "Sharding:",
+                  "Logging:"):
+        assert group in result.output
+
+
+def test_config_shows_values_and_sources(run, tmp_path: Path) -> None:
+    deploy = tmp_path / "deploy.toml"
+    deploy.write_text("max_best_of = 3\n")
+    result = run("config", "--config", str(deploy), "--port", "9000",
+                 env={"MAX_TOP_N_TOKENS": "7"})
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split()[1:] for line in result.output.splitlines() if line}
+    assert rows["port"] == ["9000", "cli:--port"]
+    assert rows["max_top_n_tokens"] == ["7", "env:MAX_TOP_N_TOKENS"]
+    assert rows["max_best_of"] == ["3", f"file:{deploy}"]
+    assert rows["max_stop_sequences"] == ["4", "default"]
+
+
+def test_config_json(run) -> None:
+    result = run("config", "--json", "--no-prefix-caching", env={"TGI_LOAD_PLUGINS": ""})
+    data = json.loads(result.output)
+    assert data["config"]["prefix_caching"] is False
+    assert data["sources"]["prefix_caching"] == "cli:--prefix-caching"
+    assert data["config"]["port"] == 8080 and data["sources"]["port"] == "default"
+
+
+def test_config_file_from_environment(run, tmp_path: Path) -> None:
+    deploy = tmp_path / "deploy.yaml"
+    deploy.write_text("port: 8181\n")
+    data = json.loads(run("config", "--json", env={"TGI_CONFIG": str(deploy)}).output)
+    assert data["config"]["port"] == 8181
+
+
+def test_config_errors_are_one_line_with_exit_code_2(run) -> None:
+    result = run("config", "--port", "99999")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "Error: port = '99999' from command-line flag --port is invalid: Expected `int` <= "
+        "65535; allowed: an integer from 1 to 65535"
+    ]
+    assert "Traceback" not in result.output
+
+
+def test_serve_without_a_model_says_how_to_give_one(run) -> None:
+    result = run("serve", "--port", "8123", env={"TGI_LOAD_PLUGINS": ""})
+    assert result.exit_code == 2
+    assert "no model to serve: pass --model-id DIR or set MODEL_ID" in result.output
+
+
+def test_plugins_table(run) -> None:
+    result = run("plugins")
+    assert result.exit_code == 0
+    line = next(line for line in result.output.splitlines() if line.startswith("llama"))
+    assert re.match(r"llama\s+tgi-llama\s+0\.1\.0\s+model llama: LlamaForCausalLM", line)
+
+
+def test_plugins_json(run) -> None:
+    data = json.loads(run("plugins", "--json").output)
+    llama = next(p for p in data["plugins"] if p["distribution"] == "tgi-llama")
+    assert llama["models"][0]["architectures"][0] == "LlamaForCausalLM"
+    assert llama["models"][0]["factory"] == "tgi_llama.model:build_model"
+    assert llama["attention_backends"] == [] and llama["frontends"] == []
+
+
+def test_plugin_errors_are_one_line(run, make_distribution) -> None:
+    make_distribution("tgi-broken", {"tgi_broken": "raise RuntimeError('boom')\n"},
+                      {"broken": "tgi_broken"})
+    result = run("plugins")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: plugin 'broken' (distribution tgi-broken 0.1) "
+                                    "failed to import 'tgi_broken': RuntimeError: boom")
+
+
+def test_version(run) -> None:
+    assert re.match(r"tgi-core, version \d+\.\d+", run("--version").output)
