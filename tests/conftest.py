@@ -52,9 +52,7 @@ def make_distribution(
             written.append(module)
         info = root / f"{name.replace('-', '_')}-{version}.dist-info"
         info.mkdir()
-        (info / "METADATA").write_text(
-            f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
-        )
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
         lines = "".join(f"{ep} = {target}\n" for ep, target in entry_points.items())
         (info / "entry_points.txt").write_text(f"[tgi]\n{lines}")
         return root
@@ -67,8 +65,19 @@ def make_distribution(
 def pip_install_to(target: Path, *sources: Path) -> None:
     """``pip install --target`` without dependencies or network (build with our setuptools)."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "--target", str(target), *map(str, sources)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "--target",
+            str(target),
+            *map(str, sources),
+        ],
         check=True,
         env={**os.environ, "PIP_NO_INPUT": "1"},
     )

@@ -32,16 +32,22 @@ def test_serve_help_lists_every_option_with_default_and_env(run) -> None:
         assert f"env: {info.env}]" in text, info.name
     assert "--port INT Port to listen on. [default: 8080; env: PORT]" in text
     assert "--prefix-caching / --no-prefix-caching" in text
-    for group in ("Model:", "KV cache:", "Batching:", "Limits:", "Server:", "Sharding:",
-                  "Logging:"):
+    for group in (
+        "Model:",
+        "KV cache:",
+        "Batching:",
+        "Limits:",
+        "Server:",
+        "Sharding:",
+        "Logging:",
+    ):
         assert group in result.output
 
 
 def test_config_shows_values_and_sources(run, tmp_path: Path) -> None:
     deploy = tmp_path / "deploy.toml"
     deploy.write_text("max_best_of = 3\n")
-    result = run("config", "--config", str(deploy), "--port", "9000",
-                 env={"MAX_TOP_N_TOKENS": "7"})
+    result = run("config", "--config", str(deploy), "--port", "9000", env={"MAX_TOP_N_TOKENS": "7"})
     assert result.exit_code == 0, result.output
     rows = {line.split()[0]: line.split()[1:] for line in result.output.splitlines() if line}
     assert rows["port"] == ["9000", "cli:--port"]
@@ -97,12 +103,15 @@ def test_plugins_json(run) -> None:
 
 
 def test_plugin_errors_are_one_line(run, make_distribution) -> None:
-    make_distribution("tgi-broken", {"tgi_broken": "raise RuntimeError('boom')\n"},
-                      {"broken": "tgi_broken"})
+    make_distribution(
+        "tgi-broken", {"tgi_broken": "raise RuntimeError('boom')\n"}, {"broken": "tgi_broken"}
+    )
     result = run("plugins")
     assert result.exit_code == 1
-    assert result.output.startswith("Error: plugin 'broken' (distribution tgi-broken 0.1) "
-                                    "failed to import 'tgi_broken': RuntimeError: boom")
+    assert result.output.startswith(
+        "Error: plugin 'broken' (distribution tgi-broken 0.1) "
+        "failed to import 'tgi_broken': RuntimeError: boom"
+    )
 
 
 def test_version(run) -> None:

@@ -24,20 +24,29 @@ def test_defaults_follow_tgi_except_the_port() -> None:
     config = load_config(environ={}).config
     assert config == ServeConfig()
     assert (config.port, config.hostname) == (8080, "0.0.0.0")
-    assert (config.max_concurrent_requests, config.max_best_of, config.max_stop_sequences,
-            config.max_top_n_tokens, config.max_client_batch_size) == (128, 2, 4, 5, 4)
+    assert (
+        config.max_concurrent_requests,
+        config.max_best_of,
+        config.max_stop_sequences,
+        config.max_top_n_tokens,
+        config.max_client_batch_size,
+    ) == (128, 2, 4, 5, 4)
     assert (config.payload_limit, config.graceful_termination_timeout) == (2_000_000, 90)
     assert (config.waiting_served_ratio, config.max_waiting_tokens) == (0.3, 20)
     assert config.max_batch_prefill_tokens == 4096
 
 
 def test_precedence_default_file_env_cli(tmp_path: Path) -> None:
-    deploy = write(tmp_path, "deploy.toml", """
+    deploy = write(
+        tmp_path,
+        "deploy.toml",
+        """
         port = 7000
         max_best_of = 3
         max_stop_sequences = 6
         model_id = "/models/from-file"
-    """.replace("        ", ""))
+    """.replace("        ", ""),
+    )
     environ = {"PORT": "7100", "MAX_BEST_OF": "5", "MODEL_ID": ""}
     resolved = load_config(cli={"port": "7200"}, config_file=deploy, environ=environ)
     config, sources = resolved.config, resolved.sources
@@ -51,23 +60,35 @@ def test_precedence_default_file_env_cli(tmp_path: Path) -> None:
 
 
 def test_yaml_file_and_kebab_case_keys(tmp_path: Path) -> None:
-    deploy = write(tmp_path, "deploy.yaml",
-                   "max-total-tokens: 2048\nprefix_caching: false\ncors-allow-origin: [a, b]\n")
+    deploy = write(
+        tmp_path,
+        "deploy.yaml",
+        "max-total-tokens: 2048\nprefix_caching: false\ncors-allow-origin: [a, b]\n",
+    )
     config = load_config(config_file=deploy, environ={}).config
     assert (config.max_total_tokens, config.prefix_caching) == (2048, False)
     assert config.cors_allow_origin == ["a", "b"]
 
 
 def test_environment_strings_are_parsed() -> None:
-    environ = {"PREFIX_CACHING": "false", "JSON_OUTPUT": "1", "WAITING_SERVED_RATIO": "1.5",
-               "CORS_ALLOW_ORIGIN": "https://a.example, https://b.example",
-               "DTYPE": "bfloat16", "ATTENTION": "reference", "TGI_HOSTNAME": "127.0.0.1"}
+    environ = {
+        "PREFIX_CACHING": "false",
+        "JSON_OUTPUT": "1",
+        "WAITING_SERVED_RATIO": "1.5",
+        "CORS_ALLOW_ORIGIN": "https://a.example, https://b.example",
+        "DTYPE": "bfloat16",
+        "ATTENTION": "reference",
+        "TGI_HOSTNAME": "127.0.0.1",
+    }
     config = load_config(environ=environ).config
     assert config.prefix_caching is False and config.json_output is True
     assert config.waiting_served_ratio == 1.5
     assert config.cors_allow_origin == ["https://a.example", "https://b.example"]
-    assert (config.dtype, config.attention, config.hostname) == ("bfloat16", "reference",
-                                                                "127.0.0.1")
+    assert (config.dtype, config.attention, config.hostname) == (
+        "bfloat16",
+        "reference",
+        "127.0.0.1",
+    )
 
 
 def test_hostname_env_of_the_shell_is_not_read() -> None:
@@ -82,13 +103,16 @@ def test_cli_lists_accept_repeats_and_commas() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
-        ({"cli": {"port": "0"}},
-         "port = '0' from command-line flag --port is invalid: Expected `int` >= 1; "
-         "allowed: an integer from 1 to 65535"),
-        ({"environ": {"MAX_BEST_OF": "many"}},
-         "max_best_of = 'many' from environment variable MAX_BEST_OF is invalid"),
-        ({"environ": {"DTYPE": "float64"}},
-         "allowed: one of bfloat16, float16, float32"),
+        (
+            {"cli": {"port": "0"}},
+            "port = '0' from command-line flag --port is invalid: Expected `int` >= 1; "
+            "allowed: an integer from 1 to 65535",
+        ),
+        (
+            {"environ": {"MAX_BEST_OF": "many"}},
+            "max_best_of = 'many' from environment variable MAX_BEST_OF is invalid",
+        ),
+        ({"environ": {"DTYPE": "float64"}}, "allowed: one of bfloat16, float16, float32"),
         ({"environ": {"PREFIX_CACHING": "maybe"}}, "allowed: true or false"),
         ({"cli": {"waiting_served_ratio": "-1"}}, "allowed: a number >= 0.0"),
         ({"cli": {"api_key": ""}}, "allowed: a non-empty string (or unset)"),
@@ -103,15 +127,21 @@ def test_bad_values_name_key_source_and_what_is_allowed(kwargs, expected) -> Non
 
 def test_bad_value_in_a_file_names_the_file(tmp_path: Path) -> None:
     deploy = write(tmp_path, "deploy.toml", 'max_total_tokens = "lots"\n')
-    with pytest.raises(ConfigError, match=rf"max_total_tokens = 'lots' from config file "
-                                          rf"{deploy} is invalid.*an integer >= 2"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"max_total_tokens = 'lots' from config file "
+        rf"{deploy} is invalid.*an integer >= 2",
+    ):
         load_config(config_file=deploy, environ={})
 
 
 def test_unknown_file_key_suggests_the_right_one(tmp_path: Path) -> None:
     deploy = write(tmp_path, "deploy.toml", "max_totl_tokens = 10\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'max_totl_tokens' in config file .*"
-                                          r"did you mean 'max_total_tokens'\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown key 'max_totl_tokens' in config file .*"
+        r"did you mean 'max_total_tokens'\?",
+    ):
         load_config(config_file=deploy, environ={})
 
 
@@ -143,18 +173,29 @@ def test_missing_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("cli", "expected"),
     [
-        ({"max_input_tokens": "100", "max_total_tokens": "100"},
-         r"max_input_tokens \(100, from command-line flag --max-input-tokens\) must be less "
-         r"than max_total_tokens \(100, from command-line flag --max-total-tokens\)"),
-        ({"max_total_tokens": "5000", "max_batch_total_tokens": "4096",
-          "max_batch_prefill_tokens": "100"},
-         r"max_total_tokens \(5000, .*\) must be at most max_batch_total_tokens \(4096"),
-        ({"max_batch_total_tokens": "1000"},
-         r"max_batch_prefill_tokens \(4096, from the default\) must be at most "
-         r"max_batch_total_tokens \(1000, from command-line flag"),
-        ({"prefill_chunking": False, "max_input_tokens": "5000"},
-         r"max_input_tokens \(5000, .*\) must be at most \(without prefill chunking\) "
-         r"max_batch_prefill_tokens"),
+        (
+            {"max_input_tokens": "100", "max_total_tokens": "100"},
+            r"max_input_tokens \(100, from command-line flag --max-input-tokens\) must be less "
+            r"than max_total_tokens \(100, from command-line flag --max-total-tokens\)",
+        ),
+        (
+            {
+                "max_total_tokens": "5000",
+                "max_batch_total_tokens": "4096",
+                "max_batch_prefill_tokens": "100",
+            },
+            r"max_total_tokens \(5000, .*\) must be at most max_batch_total_tokens \(4096",
+        ),
+        (
+            {"max_batch_total_tokens": "1000"},
+            r"max_batch_prefill_tokens \(4096, from the default\) must be at most "
+            r"max_batch_total_tokens \(1000, from command-line flag",
+        ),
+        (
+            {"prefill_chunking": False, "max_input_tokens": "5000"},
+            r"max_input_tokens \(5000, .*\) must be at most \(without prefill chunking\) "
+            r"max_batch_prefill_tokens",
+        ),
     ],
 )
 def test_relations_between_settings(cli, expected) -> None:
@@ -187,12 +228,18 @@ def test_plugin_sections_are_validated(tmp_path: Path, tgi_registry_with) -> Non
 def test_plugin_section_errors(tmp_path: Path, tgi_registry_with) -> None:
     registry = tgi_registry_with(SectionPlugin(), installed=False)
     unknown = write(tmp_path, "a.toml", "[plugins.mien]\nthreshold = 7\n")
-    with pytest.raises(ConfigError, match=r"\[plugins.mien\] in config file .*a.toml names no "
-                                          r"installed plugin section \(did you mean 'mine'\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"\[plugins.mien\] in config file .*a.toml names no "
+        r"installed plugin section \(did you mean 'mine'\?\)",
+    ):
         load_config(config_file=unknown, environ={}).with_plugin_sections(registry)
     invalid = write(tmp_path, "b.toml", "[plugins.mine]\nthreshold = 'high'\n")
-    with pytest.raises(ConfigError, match=r"\[plugins.mine\] in config file .*b.toml is invalid: "
-                                          r"Expected `int`, got `str` - at `\$.threshold`"):
+    with pytest.raises(
+        ConfigError,
+        match=r"\[plugins.mine\] in config file .*b.toml is invalid: "
+        r"Expected `int`, got `str` - at `\$.threshold`",
+    ):
         load_config(config_file=invalid, environ={}).with_plugin_sections(registry)
     extra = write(tmp_path, "c.toml", "[plugins.mine]\ncolour = 'red'\n")
     with pytest.raises(ConfigError, match=r"unknown field `colour`.*section of plugin"):

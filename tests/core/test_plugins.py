@@ -33,9 +33,12 @@ def test_installed_plugins_are_found_through_entry_points() -> None:
 
 
 def test_a_written_distribution_is_discovered(make_distribution) -> None:
-    make_distribution("tgi-alpha", {"tgi_alpha": GOOD_MODEL.format(name="alpha",
-                                                                     arch="AlphaLM")},
-                      {"alpha": "tgi_alpha"}, version="2.0")
+    make_distribution(
+        "tgi-alpha",
+        {"tgi_alpha": GOOD_MODEL.format(name="alpha", arch="AlphaLM")},
+        {"alpha": "tgi_alpha"},
+        version="2.0",
+    )
     registry = build()
     assert registry.models.for_architecture("AlphaLM").name == "alpha"
     owner = registry.models.owner("alpha")
@@ -45,12 +48,16 @@ def test_a_written_distribution_is_discovered(make_distribution) -> None:
 class TestLoadPluginsAllowList:
     @pytest.fixture(autouse=True)
     def two_plugins(self, make_distribution) -> None:
-        make_distribution("tgi-alpha", {"tgi_alpha": GOOD_MODEL.format(name="alpha",
-                                                                         arch="AlphaLM")},
-                          {"alpha": "tgi_alpha"})
-        make_distribution("tgi-beta", {"tgi_beta": GOOD_MODEL.format(name="beta",
-                                                                       arch="BetaLM")},
-                          {"beta": "tgi_beta"})
+        make_distribution(
+            "tgi-alpha",
+            {"tgi_alpha": GOOD_MODEL.format(name="alpha", arch="AlphaLM")},
+            {"alpha": "tgi_alpha"},
+        )
+        make_distribution(
+            "tgi-beta",
+            {"tgi_beta": GOOD_MODEL.format(name="beta", arch="BetaLM")},
+            {"beta": "tgi_beta"},
+        )
 
     def test_unset_loads_all(self) -> None:
         assert {"alpha", "beta", "llama"} <= set(build().models.names())
@@ -66,16 +73,21 @@ class TestLoadPluginsAllowList:
         assert all(info.builtin for info in registry.plugins)
 
     def test_an_unknown_name_is_an_error(self) -> None:
-        with pytest.raises(PluginError, match=r"TGI_LOAD_PLUGINS names tgi-gamma.*installed "
-                                              r"plugins: .*tgi-alpha"):
+        with pytest.raises(
+            PluginError,
+            match=r"TGI_LOAD_PLUGINS names tgi-gamma.*installed "
+            r"plugins: .*tgi-alpha",
+        ):
             build({"TGI_LOAD_PLUGINS": "tgi-gamma"})
 
 
 def test_duplicate_name_names_both_distributions(make_distribution) -> None:
-    make_distribution("tgi-one", {"tgi_one": GOOD_MODEL.format(name="same", arch="OneLM")},
-                      {"one": "tgi_one"})
-    make_distribution("tgi-two", {"tgi_two": GOOD_MODEL.format(name="same", arch="TwoLM")},
-                      {"two": "tgi_two"})
+    make_distribution(
+        "tgi-one", {"tgi_one": GOOD_MODEL.format(name="same", arch="OneLM")}, {"one": "tgi_one"}
+    )
+    make_distribution(
+        "tgi-two", {"tgi_two": GOOD_MODEL.format(name="same", arch="TwoLM")}, {"two": "tgi_two"}
+    )
     with pytest.raises(PluginError) as info:
         build()
     message = str(info.value)
@@ -84,9 +96,11 @@ def test_duplicate_name_names_both_distributions(make_distribution) -> None:
 
 
 def test_duplicate_architecture_names_both_distributions(make_distribution) -> None:
-    make_distribution("tgi-fastllama",
-                      {"tgi_fastllama": GOOD_MODEL.format(name="fast", arch="LlamaForCausalLM")},
-                      {"fastllama": "tgi_fastllama"})
+    make_distribution(
+        "tgi-fastllama",
+        {"tgi_fastllama": GOOD_MODEL.format(name="fast", arch="LlamaForCausalLM")},
+        {"fastllama": "tgi_fastllama"},
+    )
     with pytest.raises(PluginError, match=r"architecture 'LlamaForCausalLM'") as info:
         build()
     assert "distribution tgi-fastllama" in str(info.value)
@@ -94,18 +108,24 @@ def test_duplicate_architecture_names_both_distributions(make_distribution) -> N
 
 
 def test_entry_point_name_clash_names_both_distributions(make_distribution) -> None:
-    make_distribution("tgi-one", {"tgi_one": GOOD_MODEL.format(name="one", arch="OneLM")},
-                      {"shared": "tgi_one"})
-    make_distribution("tgi-two", {"tgi_two": GOOD_MODEL.format(name="two", arch="TwoLM")},
-                      {"shared": "tgi_two"})
+    make_distribution(
+        "tgi-one", {"tgi_one": GOOD_MODEL.format(name="one", arch="OneLM")}, {"shared": "tgi_one"}
+    )
+    make_distribution(
+        "tgi-two", {"tgi_two": GOOD_MODEL.format(name="two", arch="TwoLM")}, {"shared": "tgi_two"}
+    )
     with pytest.raises(PluginError, match=r"plugin name 'shared'") as info:
         build()
     assert "tgi-one" in str(info.value) and "tgi-two" in str(info.value)
 
 
 def test_import_failure_names_the_distribution(make_distribution) -> None:
-    make_distribution("tgi-broken", {"tgi_broken": "import does_not_exist_anywhere\n"},
-                      {"broken": "tgi_broken"}, version="0.3")
+    make_distribution(
+        "tgi-broken",
+        {"tgi_broken": "import does_not_exist_anywhere\n"},
+        {"broken": "tgi_broken"},
+        version="0.3",
+    )
     with pytest.raises(PluginError) as info:
         build()
     message = str(info.value)
@@ -145,8 +165,11 @@ def test_spec_of_another_kind_is_rejected(make_distribution) -> None:
         register(tgi_core.FrontendSpec(name="oops", factory="os:getcwd"))
     """
     make_distribution("tgi-mixup", {"tgi_mixup": source}, {"mixup": "tgi_mixup"})
-    with pytest.raises(PluginError, match=r"tgi-mixup.*passed FrontendSpec.*register_quantizers"
-                                          r".*expected tgi_core.QuantizerSpec"):
+    with pytest.raises(
+        PluginError,
+        match=r"tgi-mixup.*passed FrontendSpec.*register_quantizers"
+        r".*expected tgi_core.QuantizerSpec",
+    ):
         build()
 
 
@@ -189,8 +212,11 @@ def test_invalid_spec_values_are_reported(make_distribution) -> None:
         register(tgi_core.ModelSpec(name="bad", architectures=(), factory="os:getcwd"))
     """
     make_distribution("tgi-empty", {"tgi_empty": source}, {"empty": "tgi_empty"})
-    with pytest.raises(PluginError, match=r"tgi-empty.*failed in register_models: ValueError: "
-                                          r"model 'bad': architectures must not be empty"):
+    with pytest.raises(
+        PluginError,
+        match=r"tgi-empty.*failed in register_models: ValueError: "
+        r"model 'bad': architectures must not be empty",
+    ):
         build()
 
 
@@ -198,8 +224,11 @@ def test_inline_plugins_and_hook_opt_in_arguments(tgi_registry_with) -> None:
     class Inline:
         @tgi_core.hookimpl
         def register_attention_backends(self, register):
-            register(tgi_core.AttentionBackendSpec(
-                name="inline", factory="os:getcwd", features=frozenset({"causal"}), priority=5))
+            register(
+                tgi_core.AttentionBackendSpec(
+                    name="inline", factory="os:getcwd", features=frozenset({"causal"}), priority=5
+                )
+            )
 
     registry = tgi_registry_with(Inline(), installed=False)
     assert registry.attention_backends["inline"].priority == 5
@@ -221,8 +250,9 @@ def test_each_manager_is_fresh() -> None:
 def test_builtin_plugins_are_registered_first_and_marked(monkeypatch) -> None:
     pm = make_plugin_manager(environ={}, builtins=["tgi_core.testing"])
     infos = pm.infos()
-    assert infos[0] == PluginInfo("testing", "tgi-core", infos[0].version, "tgi_core.testing",
-                                  builtin=True)
+    assert infos[0] == PluginInfo(
+        "testing", "tgi-core", infos[0].version, "tgi_core.testing", builtin=True
+    )
     assert [info.builtin for info in infos] == [True] + [False] * (len(infos) - 1)
 
 

@@ -148,22 +148,23 @@ def show_config(config_file: str | None, as_json: bool, **flags: Any) -> None:
         click.echo(json.dumps(resolved.to_dict(), indent=2))
         return
     from rich.table import Table
+    from rich.text import Text
 
-    from tgi_core.listing import console
+    from tgi_core.listing import print_table
 
     table = Table("setting", "value", "source", box=None, pad_edge=False)
     for name, value, source in resolved.rows():
         if name in FILE_ONLY_FIELDS:
             continue
-        table.add_row(name, _show_default(value), source.short())
+        table.add_row(name, Text(_show_default(value)), Text(source.short()))
     for section_name, section in resolved.plugin_sections.items():
         for key, value in _struct_items(section):
             table.add_row(
                 f"plugins.{section_name}.{key}",
-                _show_default(value),
-                resolved.sources["plugins"].short(),
+                Text(_show_default(value)),
+                Text(resolved.sources["plugins"].short()),
             )
-    console().print(table)
+    print_table(table)
 
 
 def _struct_items(struct: Any) -> Iterable[tuple[str, Any]]:
@@ -188,3 +189,7 @@ def list_plugins(as_json: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="tgi-core")
+
+
+if __name__ == "__main__":
+    main()

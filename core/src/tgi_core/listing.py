@@ -75,25 +75,31 @@ def describe_spec(spec: AnySpec) -> str:
     return f"config [plugins.{spec.name}]"
 
 
-def console() -> Any:
-    """A rich console; when output is not a terminal, lines are never cut or wrapped."""
+def print_table(table: Any) -> None:
+    """Print a rich table; off a terminal, lines are never cut, wrapped or padded."""
     from rich.console import Console
 
-    terminal = Console()
-    return terminal if terminal.is_terminal else Console(width=10_000)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=10_000)
+    with console.capture() as capture:
+        console.print(table)
+    print("\n".join(line.rstrip() for line in capture.get().splitlines()))
 
 
 def render_plugins_table(registry: Registry) -> None:
     """Print the plugin table to the terminal."""
     from rich.table import Table
+    from rich.text import Text
 
     table = Table("plugin", "distribution", "version", "registered", box=None, pad_edge=False)
     for info in registry.plugins:
         registered = registry.registered_by(info.name)
         lines = [describe_spec(spec) for kind in _KINDS for spec in registered.get(kind, [])]
         distribution = f"{info.distribution} (built-in)" if info.builtin else info.distribution
-        table.add_row(info.name, distribution, info.version, "\n".join(lines) or "nothing")
+        registered_text = Text("\n".join(lines) or "nothing")
+        table.add_row(info.name, distribution, info.version, registered_text)
     if not registry.plugins:
-        console().print("No plugins installed.")
+        print("No plugins installed.")
         return
-    console().print(table)
+    print_table(table)

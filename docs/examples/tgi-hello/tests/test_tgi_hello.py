@@ -25,6 +25,4 @@ def test_route_uses_the_config_section(tgi_registry, tmp_path):
     ctx = FrontendContext(resolved.config, resolved.plugin_sections)
     handlers = tgi_registry.frontends["hello"].load()(ctx)
     with TestClient(Litestar(route_handlers=handlers)) as client:
-        assert client.get("/hello", params={"name": "tgi"}).json() == {
-            "message": "Bonjour, tgi!"
-        }
+        assert client.get("/hello", params={"name": "tgi"}).json() == {"message": "Bonjour, tgi!"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from litestar import get
 from litestar.handlers import HTTPRouteHandler
+from litestar.params import FromQuery
 
 from tgi_core.context import FrontendContext
 from tgi_hello import HelloConfig
@@ -14,7 +15,7 @@ def build(ctx: FrontendContext) -> list[HTTPRouteHandler]:
     settings = ctx.section("hello", HelloConfig)
 
     @get("/hello", sync_to_thread=False)
-    def hello(name: str = "world") -> dict[str, str]:
+    def hello(name: FromQuery[str] = "world") -> dict[str, str]:
         punctuation = "!" if settings.excited else "."
         return {"message": f"{settings.greeting}, {name}{punctuation}"}
 
