@@ -20,6 +20,12 @@ from tgi_core.errors import TGIError
 CONFIG_FILE_ENV = "TGI_CONFIG"
 
 
+def _user_error(error: TGIError) -> click.ClickException:
+    """A TGIError as click prints it: ``Error: <message>``, with the error's exit code."""
+    kind = type("UserError", (click.ClickException,), {"exit_code": error.exit_code})
+    return kind(str(error))  # type: ignore[no-any-return]
+
+
 class _Group(click.Group):
     """Turns a TGIError into click's one-line ``Error: ...`` with the error's exit code."""
 
@@ -27,9 +33,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except TGIError as exc:
-            error = click.ClickException(str(exc))
-            error.exit_code = exc.exit_code
-            raise error from None
+            raise _user_error(exc) from None
 
 
 class _ConfigCommand(click.Command):

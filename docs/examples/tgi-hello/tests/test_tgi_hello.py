@@ -1,11 +1,11 @@
 """Tests a plugin author writes, with the fixtures tgi-core ships for pytest."""
 
-from litestar.testing import TestClient
-
 import tgi_hello
 from litestar import Litestar
-from tgi_core.context import FrontendContext
+from litestar.testing import TestClient
+
 from tgi_core.config import load_config
+from tgi_core.context import FrontendContext
 
 
 def test_plugin_is_installed(tgi_registry):
