@@ -29,8 +29,10 @@ def test_serve_help_lists_every_option_with_default_and_env(run) -> None:
         if info.name in FILE_ONLY_FIELDS:
             continue
         assert info.flag in text, info.name
-        assert f"env: {info.env}]" in text, info.name
-    assert "--port INT Port to listen on. [default: 8080; env: PORT]" in text
+        assert f"env: {info.env}" in text, info.name
+    assert "-p, --port INT Port to listen on. [default: 8080; env: PORT]" in text
+    assert "--max-input-tokens, --max-input-length INT" in text
+    assert "env: MAX_INPUT_TOKENS, MAX_INPUT_LENGTH]" in text
     assert "--prefix-caching / --no-prefix-caching" in text
     for group in (
         "Model:",
@@ -116,3 +118,38 @@ def test_plugin_errors_are_one_line(run, make_distribution) -> None:
 
 def test_version(run) -> None:
     assert re.match(r"tgi-core, version \d+\.\d+", run("--version").output)
+
+
+def test_tgi_spellings_short_port_and_legacy_input_length(run) -> None:
+    data = json.loads(run("config", "--json", "-p", "3000", "--max-input-length", "100").output)
+    assert data["config"]["port"] == 3000
+    assert data["config"]["max_input_tokens"] == 100
+    assert data["sources"]["max_input_tokens"] == "cli:--max-input-tokens"
+
+
+def test_api_key_is_never_printed(run) -> None:
+    table = run("config", "--api-key", "s3cret").output
+    assert "s3cret" not in table and "<redacted>" in table
+    data = json.loads(run("config", "--json", env={"API_KEY": "s3cret"}).output)
+    assert data["config"]["api_key"] == "<redacted>"
+
+
+def test_json_output_is_tri_state(run) -> None:
+    assert json.loads(run("config", "--json").output)["config"]["json_output"] is None
+    data = json.loads(run("config", "--json", "--no-json-output").output)
+    assert data["config"]["json_output"] is False
+
+
+def test_unknown_plugin_names_in_settings_are_config_errors(run) -> None:
+    result = run("config", "--quantize", "nope")
+    assert result.exit_code == 2
+    assert (
+        "quantize = 'nope' from command-line flag --quantize names no installed "
+        "quantizer; available:" in result.output
+    )
+    result = run("config", env={"ATTENTION": "flashy"})
+    assert result.exit_code == 2
+    assert (
+        "attention = 'flashy' from environment variable ATTENTION names no installed "
+        "attention backend" in result.output
+    )

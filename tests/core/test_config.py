@@ -112,11 +112,11 @@ def test_cli_lists_accept_repeats_and_commas() -> None:
             {"environ": {"MAX_BEST_OF": "many"}},
             "max_best_of = 'many' from environment variable MAX_BEST_OF is invalid",
         ),
-        ({"environ": {"DTYPE": "float64"}}, "allowed: one of bfloat16, float16, float32"),
+        ({"environ": {"DTYPE": "float64"}}, "allowed: one of float32, bfloat16, float16"),
         ({"environ": {"PREFIX_CACHING": "maybe"}}, "allowed: true or false"),
         ({"cli": {"waiting_served_ratio": "-1"}}, "allowed: a number >= 0.0"),
         ({"cli": {"api_key": ""}}, "allowed: a non-empty string (or unset)"),
-        ({"cli": {"log_level": "verbose"}}, "one of debug, error, info, trace, warning"),
+        ({"cli": {"log_level": "verbose"}}, "one of trace, debug, info, warning, error"),
     ],
 )
 def test_bad_values_name_key_source_and_what_is_allowed(kwargs, expected) -> None:
@@ -217,12 +217,10 @@ class SectionPlugin:
 def test_plugin_sections_are_validated(tmp_path: Path, tgi_registry_with) -> None:
     registry = tgi_registry_with(SectionPlugin(), installed=False)
     deploy = write(tmp_path, "deploy.toml", "[plugins.mine]\nthreshold = 7\n")
-    resolved = load_config(config_file=deploy, environ={}).with_plugin_sections(registry)
+    resolved = load_config(config_file=deploy, environ={}).with_registry(registry)
     assert resolved.plugin_sections["mine"] == Section(threshold=7)
     # an absent table gives the section's defaults
-    assert load_config(environ={}).with_plugin_sections(registry).plugin_sections == {
-        "mine": Section()
-    }
+    assert load_config(environ={}).with_registry(registry).plugin_sections == {"mine": Section()}
 
 
 def test_plugin_section_errors(tmp_path: Path, tgi_registry_with) -> None:
@@ -233,22 +231,26 @@ def test_plugin_section_errors(tmp_path: Path, tgi_registry_with) -> None:
         match=r"\[plugins.mien\] in config file .*a.toml names no "
         r"installed plugin section \(did you mean 'mine'\?\)",
     ):
-        load_config(config_file=unknown, environ={}).with_plugin_sections(registry)
+        load_config(config_file=unknown, environ={}).with_registry(registry)
     invalid = write(tmp_path, "b.toml", "[plugins.mine]\nthreshold = 'high'\n")
     with pytest.raises(
         ConfigError,
         match=r"\[plugins.mine\] in config file .*b.toml is invalid: "
         r"Expected `int`, got `str` - at `\$.threshold`",
     ):
-        load_config(config_file=invalid, environ={}).with_plugin_sections(registry)
+        load_config(config_file=invalid, environ={}).with_registry(registry)
     extra = write(tmp_path, "c.toml", "[plugins.mine]\ncolour = 'red'\n")
-    with pytest.raises(ConfigError, match=r"unknown field `colour`.*section of plugin"):
-        load_config(config_file=extra, environ={}).with_plugin_sections(registry)
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown key\(s\) colour; allowed: threshold, "
+        r"label \(section of plugin",
+    ):
+        load_config(config_file=extra, environ={}).with_registry(registry)
 
 
 def test_the_documented_example_deployment_loads(tgi_registry) -> None:
     deploy = REPO / "docs/examples/deploy.toml"
-    resolved = load_config(config_file=deploy, environ={}).with_plugin_sections(tgi_registry)
+    resolved = load_config(config_file=deploy, environ={}).with_registry(tgi_registry)
     config = resolved.config
     assert config.model_id and config.port == 8080
     assert all(source.kind in ("default", "file") for source in resolved.sources.values())
@@ -262,3 +264,62 @@ def test_every_setting_is_documented_with_group_env_and_flag() -> None:
         if info.name != "plugins":
             assert info.flag == "--" + info.name.replace("_", "-")
             assert info.env
+
+
+def test_log_level_in_any_case_and_warn() -> None:
+    assert load_config(environ={"LOG_LEVEL": "WARN"}).config.log_level == "warning"
+    assert load_config(cli={"log_level": "Debug"}, environ={}).config.log_level == "debug"
+
+
+def test_legacy_max_input_length(tmp_path: Path) -> None:
+    assert load_config(environ={"MAX_INPUT_LENGTH": "99"}).config.max_input_tokens == 99
+    deploy = write(tmp_path, "a.toml", "max_input_length = 77\n")
+    assert load_config(config_file=deploy, environ={}).config.max_input_tokens == 77
+    with pytest.raises(ConfigError, match="MAX_INPUT_TOKENS and MAX_INPUT_LENGTH both set"):
+        load_config(environ={"MAX_INPUT_LENGTH": "99", "MAX_INPUT_TOKENS": "98"})
+
+
+def test_a_key_spelled_twice_in_a_file(tmp_path: Path) -> None:
+    deploy = write(tmp_path, "a.yaml", "max-total-tokens: 10\nmax_total_tokens: 20\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"sets max_total_tokens twice, as "
+        r"'max-total-tokens' and 'max_total_tokens'",
+    ):
+        load_config(config_file=deploy, environ={})
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes("model_id = 'caf\xe9'\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(config_file=latin, environ={})
+    folder = tmp_path / "folder.toml"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_config(config_file=folder, environ={})
+
+
+def test_section_schemas_must_default_every_field() -> None:
+    class Required(msgspec.Struct):
+        needed: int
+
+    with pytest.raises(ValueError, match=r"every field needs a default.*no default: needed"):
+        tgi_core.ConfigSectionSpec(name="req", schema=Required)
+
+
+def test_unknown_section_keys_are_errors_even_without_forbid_unknown_fields(
+    tmp_path: Path, tgi_registry_with
+) -> None:
+    class Lenient(msgspec.Struct):
+        size: int = 1
+
+    class LenientPlugin:
+        @tgi_core.hookimpl
+        def register_config_sections(self, register):
+            register(tgi_core.ConfigSectionSpec(name="lenient", schema=Lenient))
+
+    registry = tgi_registry_with(LenientPlugin(), installed=False)
+    deploy = write(tmp_path, "a.toml", "[plugins.lenient]\nsiez = 2\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) siez; allowed: size"):
+        load_config(config_file=deploy, environ={}).with_registry(registry)

@@ -256,8 +256,27 @@ def test_builtin_plugins_are_registered_first_and_marked(monkeypatch) -> None:
     assert [info.builtin for info in infos] == [True] + [False] * (len(infos) - 1)
 
 
-def test_tracing_writes_hook_calls_to_stderr(capsys) -> None:
-    registry_pm = make_plugin_manager(environ={"TGI_TRACE_PLUGINS": "1"})
-    Registry.build(registry_pm)
-    registry_pm.hook.register_models(register=lambda spec: None)
+def test_tracing_shows_the_registration_calls(capsys) -> None:
+    Registry.build(make_plugin_manager(environ={"TGI_TRACE_PLUGINS": "1"}))
     assert "register_models" in capsys.readouterr().err
+
+
+def test_hook_wrappers_see_registration(tgi_registry_with) -> None:
+    seen = []
+
+    class Wrapper:
+        @tgi_core.hookimpl(wrapper=True)
+        def register_models(self, register):
+            seen.append("before")
+            result = yield
+            seen.append("after")
+            return result
+
+    tgi_registry_with(Wrapper())
+    assert seen[:2] == ["before", "after"]
+
+
+def test_system_exit_at_import_is_a_plugin_error(make_distribution) -> None:
+    make_distribution("tgi-quits", {"tgi_quits": "raise SystemExit(3)\n"}, {"quits": "tgi_quits"})
+    with pytest.raises(PluginError, match=r"tgi-quits.*failed to import.*SystemExit: 3"):
+        build()

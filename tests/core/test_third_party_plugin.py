@@ -115,7 +115,7 @@ def test_the_guide_example_serves_its_route(with_installed_plugins, tmp_path: Pa
     registry = Registry.build(make_plugin_manager(environ={}))
     deploy = tmp_path / "deploy.toml"
     deploy.write_text('[plugins.hello]\ngreeting = "Hola"\n')
-    resolved = load_config(config_file=deploy, environ={}).with_plugin_sections(registry)
+    resolved = load_config(config_file=deploy, environ={}).with_registry(registry)
     handlers = registry.frontends["hello"].load()(
         FrontendContext(resolved.config, resolved.plugin_sections)
     )

@@ -14,26 +14,38 @@ from typing import Any
 
 import click
 
-from tgi_core.config import FIELDS, FILE_ONLY_FIELDS, FieldInfo, ResolvedConfig, load_config
-from tgi_core.errors import TGIError
+from tgi_core.config import (
+    FIELDS,
+    FILE_ONLY_FIELDS,
+    FieldInfo,
+    ResolvedConfig,
+    format_value,
+    load_config,
+)
+from tgi_core.errors import ConfigError, TGIError
 
 CONFIG_FILE_ENV = "TGI_CONFIG"
 
 
-def _user_error(error: TGIError) -> click.ClickException:
-    """A TGIError as click prints it: ``Error: <message>``, with the error's exit code."""
-    kind = type("UserError", (click.ClickException,), {"exit_code": error.exit_code})
-    return kind(str(error))  # type: ignore[no-any-return]
+class _UserError(click.ClickException):
+    """A TGIError as click prints it: ``Error: <message>``, exit code 1."""
+
+
+class _UserConfigError(_UserError):
+    """A ConfigError: exit code 2, like click's own usage errors."""
+
+    exit_code = 2
 
 
 class _Group(click.Group):
-    """Turns a TGIError into click's one-line ``Error: ...`` with the error's exit code."""
+    """Turns a TGIError into one line on stderr with the error's exit code."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except TGIError as exc:
-            raise _user_error(exc) from None
+            kind = _UserConfigError if isinstance(exc, ConfigError) else _UserError
+            raise kind(str(exc)) from None
 
 
 class _ConfigCommand(click.Command):
@@ -52,39 +64,24 @@ class _ConfigCommand(click.Command):
                 formatter.write_dl(records)
 
 
-def _show_default(value: Any) -> str:
-    if value is None:
-        return "unset"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list):
-        return ",".join(value) or "empty"
-    return str(value)
-
-
-def _metavar(info: FieldInfo) -> str:
-    if info.allowed.startswith("one of "):
-        choices = info.allowed.removeprefix("one of ").removesuffix(" (or unset)")
-        return "[" + "|".join(choices.split(", ")) + "]"
-    if "integer" in info.allowed:
-        return "INT"
-    if "number" in info.allowed:
-        return "FLOAT"
-    return "TEXT"
+_METAVARS = {"int": "INT", "float": "FLOAT", "str": "TEXT", "list": "TEXT"}
 
 
 def _config_option(info: FieldInfo) -> click.Option:
-    help_text = f"{info.description}  [default: {_show_default(info.default)}; env: {info.env}]"
-    if info.is_bool:
+    help_text = (
+        f"{info.description}  [default: {format_value(info.name, info.default)}; "
+        f"env: {', '.join((info.env, *info.alias_envs))}]"
+    )
+    if info.kind == "bool":
         name = info.flag.removeprefix("--")
         return click.Option([f"--{name}/--no-{name}", info.name], default=None, help=help_text)
-    if info.is_list:
+    names = [info.flag, *info.alias_flags, *([info.short_flag] if info.short_flag else [])]
+    if info.kind == "list":
         return click.Option(
-            [info.flag, info.name], multiple=True, default=(), metavar="TEXT", help=help_text
+            [*names, info.name], multiple=True, default=(), metavar="TEXT", help=help_text
         )
-    return click.Option(
-        [info.flag, info.name], default=None, metavar=_metavar(info), help=help_text
-    )
+    metavar = "[" + "|".join(info.choices) + "]" if info.choices else _METAVARS[info.kind]
+    return click.Option([*names, info.name], default=None, metavar=metavar, help=help_text)
 
 
 def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -96,6 +93,7 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
         ["--config", "config_file"],
         metavar="FILE",
         default=None,
+        envvar=CONFIG_FILE_ENV,
         help=f"A TOML or YAML file of settings, below env and flags.  [env: {CONFIG_FILE_ENV}]",
     )
     return _add_param(command, config_file)
@@ -110,15 +108,12 @@ def _add_param(command: Callable[..., Any], param: click.Parameter) -> Callable[
 
 def resolve(config_file: str | None, flags: dict[str, Any]) -> ResolvedConfig:
     """Build the effective config from ``--config``, the environment and given flags."""
-    import os
-
     given = {
         name: value
         for name, value in flags.items()
         if name in FIELDS and value is not None and value != ()
     }
-    config_file = config_file or os.environ.get(CONFIG_FILE_ENV) or None
-    return load_config(cli=given, config_file=config_file)
+    return load_config(cli=given, config_file=config_file or None)
 
 
 @click.group(
@@ -147,7 +142,7 @@ def show_config(config_file: str | None, as_json: bool, **flags: Any) -> None:
     from tgi_core.registry import Registry
 
     resolved = resolve(config_file, flags)
-    resolved = resolved.with_plugin_sections(Registry.build(make_plugin_manager()))
+    resolved = resolved.with_registry(Registry.build(make_plugin_manager()))
     if as_json:
         click.echo(json.dumps(resolved.to_dict(), indent=2))
         return
@@ -160,12 +155,12 @@ def show_config(config_file: str | None, as_json: bool, **flags: Any) -> None:
     for name, value, source in resolved.rows():
         if name in FILE_ONLY_FIELDS:
             continue
-        table.add_row(name, Text(_show_default(value)), Text(source.short()))
+        table.add_row(name, Text(format_value(name, value)), Text(source.short()))
     for section_name, section in resolved.plugin_sections.items():
         for key, value in _struct_items(section):
             table.add_row(
                 f"plugins.{section_name}.{key}",
-                Text(_show_default(value)),
+                Text(format_value("", value)),
                 Text(resolved.sources["plugins"].short()),
             )
     print_table(table)

@@ -34,9 +34,10 @@ DType = Literal["float32", "bfloat16", "float16"]
 LogLevel = Literal["trace", "debug", "info", "warning", "error"]
 
 
-def _opt(description: str, group: str, *, env: str | None = None) -> Meta:
-    extra = {"group": group} if env is None else {"group": group, "env": env}
-    return Meta(description=description, extra=extra)
+def _opt(description: str, group: str, **extra: Any) -> Meta:
+    """Field metadata: ``env`` (if not the upper-cased name), ``aliases`` (legacy names),
+    ``short`` (a one-letter flag), ``secret`` (never printed), ``value_aliases``."""
+    return Meta(description=description, extra={"group": group, **extra})
 
 
 PositiveInt = Annotated[int, Meta(ge=1)]
@@ -134,7 +135,11 @@ class ServeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     ] = 128
     max_input_tokens: Annotated[
         PositiveInt | None,
-        _opt("Longest prompt in tokens; unset means max_total_tokens - 1.", "Limits"),
+        _opt(
+            "Longest prompt in tokens; unset means max_total_tokens - 1.",
+            "Limits",
+            aliases=("max_input_length",),
+        ),
     ] = None
     max_total_tokens: Annotated[
         Annotated[int, Meta(ge=2)] | None,
@@ -165,10 +170,10 @@ class ServeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
         NonEmptyStr,
         _opt("Address to listen on.", "Server", env="TGI_HOSTNAME"),
     ] = "0.0.0.0"
-    port: Annotated[Port, _opt("Port to listen on.", "Server")] = 8080
+    port: Annotated[Port, _opt("Port to listen on.", "Server", short="-p")] = 8080
     api_key: Annotated[
         NonEmptyStr | None,
-        _opt("Require `Authorization: Bearer KEY` on generation routes.", "Server"),
+        _opt("Require `Authorization: Bearer KEY` on generation routes.", "Server", secret=True),
     ] = None
     cors_allow_origin: Annotated[
         list[str],
@@ -186,9 +191,17 @@ class ServeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     master_port: Annotated[Port, _opt("torch.distributed rendezvous port.", "Sharding")] = 29500
     # -- Logging ----------------------------------------------------------------------
     json_output: Annotated[
-        bool, _opt("Log JSON lines (the default when stderr is not a terminal).", "Logging")
-    ] = False
-    log_level: Annotated[LogLevel, _opt("Least severe level logged.", "Logging")] = "info"
+        bool | None,
+        _opt("Log JSON lines; unset logs JSON unless stderr is a terminal.", "Logging"),
+    ] = None
+    log_level: Annotated[
+        LogLevel,
+        _opt(
+            "Least severe level logged (any case; `warn` means warning).",
+            "Logging",
+            value_aliases={"warn": "warning"},
+        ),
+    ] = "info"
     # -- Plugins ----------------------------------------------------------------------
     plugins: Annotated[
         dict[str, dict[str, Any]],
@@ -216,8 +229,21 @@ class FieldInfo:
     env: str
     flag: str
     allowed: str
-    is_bool: bool
-    is_list: bool
+    #: ``bool``, ``int``, ``float``, ``str``, ``choice``, ``list`` or ``table``
+    kind: str
+    choices: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+    short_flag: str = ""
+    secret: bool = False
+    value_aliases: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def alias_envs(self) -> tuple[str, ...]:
+        return tuple(alias.upper() for alias in self.aliases)
+
+    @property
+    def alias_flags(self) -> tuple[str, ...]:
+        return tuple("--" + alias.replace("_", "-") for alias in self.aliases)
 
 
 def _meta_of(annotation: Any) -> Meta:
@@ -225,9 +251,30 @@ def _meta_of(annotation: Any) -> Meta:
     return next(m for m in metas if m.extra and "group" in m.extra)
 
 
+def _literal_values(annotation: Any) -> tuple[str, ...]:
+    """The values of a ``Literal`` inside ``annotation``, in declared order."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return tuple(str(value) for value in typing.get_args(annotation))
+    if origin is Annotated:
+        return _literal_values(typing.get_args(annotation)[0])
+    for arg in typing.get_args(annotation):
+        values = _literal_values(arg)
+        if values:
+            return values
+    return ()
+
+
 def describe_allowed(annotation: Any) -> str:
     """What values a field accepts, in words (used in errors, help and docs)."""
-    return _describe(mi.type_info(annotation))
+    choices = _literal_values(annotation)
+    info = mi.type_info(annotation)
+    optional = isinstance(info, mi.UnionType) and any(
+        isinstance(t, mi.NoneType) for t in info.types
+    )
+    if choices:
+        return "one of " + ", ".join(choices) + (" (or unset)" if optional else "")
+    return _describe(info)
 
 
 def _describe(info: mi.Type) -> str:
@@ -239,8 +286,6 @@ def _describe(info: mi.Type) -> str:
         return text + " (or unset)" if len(parts) < len(info.types) else text
     if isinstance(info, mi.BoolType):
         return "true or false"
-    if isinstance(info, mi.LiteralType):
-        return "one of " + ", ".join(str(v) for v in info.values)
     if isinstance(info, mi.IntType | mi.FloatType):
         noun = "an integer" if isinstance(info, mi.IntType) else "a number"
         low, high = info.ge, info.le
@@ -258,19 +303,36 @@ def _describe(info: mi.Type) -> str:
     return "any value"
 
 
+def _kind_of(annotation: Any) -> str:
+    if _literal_values(annotation):
+        return "choice"
+    info = mi.type_info(annotation)
+    while isinstance(info, mi.Metadata | mi.UnionType):
+        if isinstance(info, mi.Metadata):
+            info = info.type
+        else:
+            info = next(t for t in info.types if not isinstance(t, mi.NoneType))
+    kinds = {
+        mi.BoolType: "bool",
+        mi.IntType: "int",
+        mi.FloatType: "float",
+        mi.StrType: "str",
+        mi.ListType: "list",
+        mi.DictType: "table",
+    }
+    return kinds[type(info)]
+
+
 def _field_infos() -> dict[str, FieldInfo]:
     hints = typing.get_type_hints(ServeConfig, include_extras=True)
     infos = {}
     for struct_field in msgspec.structs.fields(ServeConfig):
-        annotation = hints[struct_field.name]
+        name, annotation = struct_field.name, hints[struct_field.name]
         meta = _meta_of(annotation)
         extra = meta.extra or {}
-        file_only = struct_field.name in FILE_ONLY_FIELDS
-        base = mi.type_info(annotation)
-        if isinstance(base, mi.Metadata):
-            base = base.type
-        infos[struct_field.name] = FieldInfo(
-            name=struct_field.name,
+        file_only = name in FILE_ONLY_FIELDS
+        infos[name] = FieldInfo(
+            name=name,
             annotation=annotation,
             default=(
                 struct_field.default_factory()
@@ -279,13 +341,30 @@ def _field_infos() -> dict[str, FieldInfo]:
             ),
             description=meta.description or "",
             group=extra["group"],
-            env="" if file_only else extra.get("env", struct_field.name.upper()),
-            flag="" if file_only else "--" + struct_field.name.replace("_", "-"),
+            env="" if file_only else extra.get("env", name.upper()),
+            flag="" if file_only else "--" + name.replace("_", "-"),
             allowed=describe_allowed(annotation),
-            is_bool=isinstance(base, mi.BoolType),
-            is_list=isinstance(base, mi.ListType),
+            kind=_kind_of(annotation),
+            choices=_literal_values(annotation),
+            aliases=tuple(extra.get("aliases", ())),
+            short_flag=extra.get("short", ""),
+            secret=bool(extra.get("secret", False)),
+            value_aliases=dict(extra.get("value_aliases", {})),
         )
     return infos
+
+
+def format_value(name: str, value: Any) -> str:
+    """A setting's value as text for tables and help; secrets are never shown."""
+    if value is not None and name in FIELDS and FIELDS[name].secret:
+        return "<redacted>"
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "empty"
+    return str(value)
 
 
 #: Every setting, in declaration order.
@@ -327,6 +406,9 @@ class ResolvedConfig:
     def to_dict(self) -> dict[str, Any]:
         """The effective config and its sources, JSON-ready (``tgi-core config --json``)."""
         values = msgspec.to_builtins(self.config)
+        for name, info in FIELDS.items():
+            if info.secret and values.get(name) is not None:
+                values[name] = "<redacted>"
         return {
             "config": values,
             "sources": {name: source.short() for name, source in self.sources.items()},
@@ -335,14 +417,31 @@ class ResolvedConfig:
             },
         }
 
-    def with_plugin_sections(self, registry: Registry) -> ResolvedConfig:
-        """Validate ``[plugins.NAME]`` tables against the sections plugins registered."""
+    def with_registry(self, registry: Registry) -> ResolvedConfig:
+        """Check the settings that name plugins, and validate ``[plugins.NAME]`` tables.
+
+        ``quantize`` and ``attention`` must name a registered quantizer and attention
+        backend; each plugin section is validated against its registered schema.
+        """
+        for name, kinds in (
+            ("quantize", registry.quantizers),
+            ("attention", registry.attention_backends),
+        ):
+            value = getattr(self.config, name)
+            if value is not None and value not in kinds:
+                available = ", ".join(sorted(kinds.names())) or "none installed"
+                raise ConfigError(
+                    f"{name} = {value!r} from {self.sources[name]} names no installed "
+                    f"{kinds.kind}; available: {available}"
+                )
         sections = validate_plugin_sections(self.config.plugins, self.sources, registry)
         return ResolvedConfig(self.config, self.sources, sections)
 
 
 def _error(name: str, raw: Any, source: Source, problem: str) -> ConfigError:
     info = FIELDS[name]
+    if source.kind in ("env", "cli") and "got `str`" in problem:
+        problem = "it cannot be read as such"  # every value from these sources is text
     return ConfigError(
         f"{name} = {raw!r} from {source} is invalid: {problem}; allowed: {info.allowed}"
     )
@@ -351,14 +450,25 @@ def _error(name: str, raw: Any, source: Source, problem: str) -> ConfigError:
 def _coerce(name: str, raw: Any, source: Source) -> Any:
     info = FIELDS[name]
     value = raw
-    if info.is_list and isinstance(raw, str):
+    if info.kind == "list" and isinstance(raw, str):
         value = [part.strip() for part in raw.split(",") if part.strip()]
-    elif info.is_list and isinstance(raw, tuple | list) and source.kind != "file":
+    elif info.kind == "list" and isinstance(raw, tuple | list) and source.kind != "file":
         value = [part.strip() for item in raw for part in str(item).split(",") if part.strip()]
+    elif info.kind == "choice" and isinstance(raw, str):
+        value = raw.strip().lower()
+        value = info.value_aliases.get(value, value)
     try:
         return msgspec.convert(value, info.annotation, strict=False)
     except msgspec.ValidationError as exc:
         raise _error(name, raw, source, str(exc)) from None
+
+
+def _canonical(key: str) -> str | None:
+    """The setting a key (or legacy alias, in any spelling) names, or None."""
+    name = key.strip().lower().replace("-", "_")
+    if name in FIELDS:
+        return name
+    return next((info.name for info in FIELDS.values() if name in info.aliases), None)
 
 
 def _unknown_key(key: str, source: Source) -> ConfigError:
@@ -372,14 +482,21 @@ def _unknown_key(key: str, source: Source) -> ConfigError:
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Parse a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file into a mapping."""
     file = Path(path)
+    if not file.exists():
+        raise ConfigError(f"config file {file} does not exist")
     if not file.is_file():
-        raise ConfigError(f"config file {file} does not exist (from --config)")
+        raise ConfigError(f"config file {file} is not a file")
     suffix = file.suffix.lower()
     if suffix not in (".toml", ".yaml", ".yml"):
         raise ConfigError(
             f"config file {file} has an unknown type {suffix!r}; use .toml, .yaml or .yml"
         )
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {file} is not UTF-8 text: {exc.reason}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {file} cannot be read: {exc.strerror}") from None
     data: Any
     if suffix == ".toml":
         try:
@@ -392,7 +509,8 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {file} is not valid YAML: {exc}") from None
+            detail = " ".join(str(exc).split())
+            raise ConfigError(f"config file {file} is not valid YAML: {detail}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {file} must hold a table of settings at its top level")
     return data
@@ -401,10 +519,16 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _file_values(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Source]:
     source = Source("file", str(path))
     values: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for key, raw in read_config_file(path).items():
-        name = str(key).replace("-", "_")
-        if name not in FIELDS:
+        name = _canonical(str(key))
+        if name is None:
             raise _unknown_key(str(key), source)
+        if name in spelled:
+            raise ConfigError(
+                f"{source} sets {name} twice, as {spelled[name]!r} and {key!r}; keep one"
+            )
+        spelled[name] = str(key)
         is_table_of_tables = isinstance(raw, dict) and all(
             isinstance(table, dict) for table in raw.values()
         )
@@ -438,12 +562,17 @@ def load_config(
         sources.update(dict.fromkeys(file_values, file_source))
 
     for name, info in FIELDS.items():
-        raw_env = environ.get(info.env)
-        if name in FILE_ONLY_FIELDS or raw_env is None or raw_env == "":
+        if name in FILE_ONLY_FIELDS:
             continue
-        source = Source("env", info.env)
-        values[name] = _coerce(name, raw_env, source)
-        sources[name] = source
+        given = [env for env in (info.env, *info.alias_envs) if environ.get(env, "") != ""]
+        if len(given) > 1:
+            raise ConfigError(
+                f"environment variables {' and '.join(given)} both set {name}; keep one"
+            )
+        if given:
+            source = Source("env", given[0])
+            values[name] = _coerce(name, environ[given[0]], source)
+            sources[name] = source
 
     for name, raw in (cli or {}).items():
         if name not in FIELDS or name in FILE_ONLY_FIELDS:
@@ -518,10 +647,17 @@ def validate_plugin_sections(
     sections: dict[str, msgspec.Struct] = {}
     for spec in known:
         table = tables.get(spec.name, {})
+        owner = known.owner(spec.name)
+        allowed = [f.encode_name for f in msgspec.structs.fields(spec.schema)]
+        unknown = [key for key in table if key not in allowed]
+        if unknown:
+            raise ConfigError(
+                f"[plugins.{spec.name}] in {source} has unknown key(s) {', '.join(unknown)}; "
+                f"allowed: {', '.join(allowed)} (section of {owner.describe()})"
+            )
         try:
             sections[spec.name] = msgspec.convert(table, spec.schema, strict=False)
         except msgspec.ValidationError as exc:
-            owner = known.owner(spec.name)
             raise ConfigError(
                 f"[plugins.{spec.name}] in {source} is invalid: {exc} "
                 f"(section of {owner.describe()})"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from itertools import groupby
 
-from tgi_core.config import FIELDS, FILE_ONLY_FIELDS
+from tgi_core.config import FIELDS, FILE_ONLY_FIELDS, format_value
 
 _HEADER = """\
 # Configuration reference
@@ -31,10 +31,29 @@ range stops startup with a message that names the key, its source and what is al
 List settings (`cors_allow_origin`) take comma-separated values in the environment and
 on the command line, where the flag may also be repeated.
 
-Differences from TGI's launcher: the default port is 8080 (TGI: 3000; its Docker image
-80), so the examples copied from TGI's documentation work as written; the bind address
-is read from `TGI_HOSTNAME`, not `HOSTNAME`, which shells and containers set to the
-machine's name.
+## Differences from TGI's launcher
+
+The names, environment variables and defaults follow `text-generation-launcher`, with
+these deliberate differences:
+
+- The default port is 8080 (TGI: 3000; its Docker image: 80), so the examples copied
+  from TGI's documentation work as written. `-p` works as in TGI.
+- The bind address is read from `TGI_HOSTNAME`, not `HOSTNAME`, which shells and
+  containers set to the machine's name.
+- `model_id` has no default (TGI: `bigscience/bloom-560m`, which would need a download):
+  it names a local checkpoint folder. `num_shard` defaults to 1 (TGI: every visible GPU).
+- `json_output` unset means JSON lines unless stderr is a terminal; `log_level` takes
+  any case and `warn`.
+- The legacy spellings `--max-input-length` / `MAX_INPUT_LENGTH` are accepted for
+  `max_input_tokens`.
+- Launcher flags for things this server does not do are not accepted (an unknown flag is
+  an error, not silently ignored): `--revision`, `--trust-remote-code` (no remote code
+  and no hub downloads), `--sharded`, `--speculate`, `--kv-cache-dtype`, `--cuda-graphs`,
+  `--cuda-memory-fraction`, `--prometheus-port` (metrics are served at `/metrics` on the
+  main port), `--disable-grammar-support`, `--validation-workers`, `--shard-uds-path`,
+  `--huggingface-hub-cache`, `--weights-cache-override`, `--disable-custom-kernels`,
+  `--rope-scaling`/`--rope-factor` (read from the checkpoint), `--watermark-*`,
+  `--ngrok*`, `--otlp-*`, `--lora-adapters`, `--usage-stats`, `--env`.
 
 A complete example: [`examples/deploy.toml`](examples/deploy.toml).
 """
@@ -59,14 +78,9 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _default(value: object) -> str:
-    if value is None:
-        return "unset"
-    if isinstance(value, bool):
-        return f"`{str(value).lower()}`"
-    if isinstance(value, list):
-        return "`[]`" if not value else f"`{value}`"
-    return f"`{value}`"
+def _default(name: str, value: object) -> str:
+    text = format_value(name, value)
+    return text if value is None else f"`{text}`"
 
 
 def render() -> str:
@@ -79,7 +93,8 @@ def render() -> str:
         parts.append("|---|---|---|---|---|---|")
         for info in infos:
             parts.append(
-                f"| `{info.name}` | `{info.flag}` | `{info.env}` | {_default(info.default)} "
+                f"| `{info.name}` | `{info.flag}` | `{info.env}` "
+                f"| {_default(info.name, info.default)} "
                 f"| {_cell(info.allowed)} | {_cell(info.description)} |"
             )
         parts.append("")

@@ -30,7 +30,10 @@ class FrontendContext:
         """The validated ``[plugins.NAME]`` section, typed as ``schema``."""
         value = self.plugin_sections.get(name)
         if value is None:
-            return schema()
+            raise KeyError(
+                f"no plugin section named {name!r}; sections: "
+                f"{', '.join(sorted(self.plugin_sections)) or 'none'}"
+            )
         if not isinstance(value, schema):
             raise TypeError(f"section {name!r} is a {type(value).__name__}, not {schema.__name__}")
         return value

@@ -15,15 +15,6 @@ from tgi_core.specs import (
     QuantizerSpec,
 )
 
-#: JSON key of each registry kind, in listing order.
-_KINDS = {
-    "model": "models",
-    "attention backend": "attention_backends",
-    "quantizer": "quantizers",
-    "frontend": "frontends",
-    "config section": "config_sections",
-}
-
 
 def spec_as_json(spec: AnySpec) -> dict[str, Any]:
     """A spec as plain JSON values (sets sorted, factories and schemas as text)."""
@@ -50,9 +41,8 @@ def plugins_as_json(registry: Registry) -> dict[str, Any]:
     plugins = []
     for info in registry.plugins:
         entry: dict[str, Any] = dataclasses.asdict(info)
-        registered = registry.registered_by(info.name)
-        for kind, key in _KINDS.items():
-            entry[key] = [spec_as_json(spec) for spec in registered.get(kind, [])]
+        for key, specs in registry.registered_by(info.name).items():
+            entry[key] = [spec_as_json(spec) for spec in specs]
         plugins.append(entry)
     return {"plugins": plugins}
 
@@ -94,12 +84,12 @@ def render_plugins_table(registry: Registry) -> None:
 
     table = Table("plugin", "distribution", "version", "registered", box=None, pad_edge=False)
     for info in registry.plugins:
-        registered = registry.registered_by(info.name)
-        lines = [describe_spec(spec) for kind in _KINDS for spec in registered.get(kind, [])]
+        registered = registry.registered_by(info.name).values()
+        lines = [describe_spec(spec) for specs in registered for spec in specs]
         distribution = f"{info.distribution} (built-in)" if info.builtin else info.distribution
         registered_text = Text("\n".join(lines) or "nothing")
         table.add_row(info.name, distribution, info.version, registered_text)
     if not registry.plugins:
-        print("No plugins installed.")
+        print("No plugins loaded.")
         return
     print_table(table)

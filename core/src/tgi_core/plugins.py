@@ -100,19 +100,17 @@ class TGIPluginManager(pluggy.PluginManager):
 
         ``allow`` holds normalized distribution or entry-point names; ``None`` allows all.
         """
-        seen: set[tuple[str, str]] = set()
-        for dist, entry_point in _tgi_entry_points():
-            dist_name = dist.metadata["Name"] or "?"
-            key = _normalize(dist_name)
-            if (key, entry_point.name) in seen:  # the same distribution twice on sys.path
+        for entry_point in tgi_entry_points():
+            dist_name, version = _distribution_of(entry_point)
+            if (
+                allow is not None
+                and not {_normalize(dist_name), _normalize(entry_point.name)} & allow
+            ):
                 continue
-            seen.add((key, entry_point.name))
-            if allow is not None and not {key, _normalize(entry_point.name)} & allow:
-                continue
-            info = PluginInfo(entry_point.name, dist_name, dist.version, entry_point.value)
+            info = PluginInfo(entry_point.name, dist_name, version, entry_point.value)
             try:
                 plugin = entry_point.load()
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 raise PluginError(
                     f"{info.describe()} failed to import {entry_point.value!r}: "
                     f"{type(exc).__name__}: {exc}"
@@ -166,18 +164,21 @@ class TGIPluginManager(pluggy.PluginManager):
                 yield plugin, info
 
 
-def _tgi_entry_points() -> Iterator[
-    tuple[importlib.metadata.Distribution, importlib.metadata.EntryPoint]
-]:
-    for dist in importlib.metadata.distributions():
-        for entry_point in dist.entry_points:
-            if entry_point.group == ENTRY_POINT_GROUP:
-                yield dist, entry_point
+def tgi_entry_points() -> list[importlib.metadata.EntryPoint]:
+    """Every installed ``tgi`` entry point (one per distribution name and entry-point name)."""
+    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def _distribution_of(entry_point: importlib.metadata.EntryPoint) -> tuple[str, str]:
+    dist = entry_point.dist
+    if dist is None:
+        return "?", "?"
+    return dist.metadata["Name"] or dist.name, dist.version
 
 
 def installed_plugin_names() -> list[str]:
     """Distribution names that provide a ``tgi`` entry point, sorted."""
-    return sorted({dist.metadata["Name"] for dist, _ in _tgi_entry_points()})
+    return sorted({_distribution_of(ep)[0] for ep in tgi_entry_points()})
 
 
 def parse_allow_list(environ: Mapping[str, str]) -> frozenset[str] | None:
@@ -190,8 +191,8 @@ def parse_allow_list(environ: Mapping[str, str]) -> frozenset[str] | None:
 
 def _check_allow_list(allow: frozenset[str]) -> None:
     available: set[str] = set()
-    for dist, entry_point in _tgi_entry_points():
-        available |= {_normalize(dist.metadata["Name"] or ""), _normalize(entry_point.name)}
+    for entry_point in tgi_entry_points():
+        available |= {_normalize(_distribution_of(entry_point)[0]), _normalize(entry_point.name)}
     missing = sorted(allow - available)
     if missing:
         installed = ", ".join(installed_plugin_names()) or "none"

@@ -30,6 +30,8 @@ class SpecRegistry(Generic[S]):
 
     def __init__(self, kind: str, spec_type: type[S]) -> None:
         self.kind = kind
+        #: the key of this kind in JSON listings: ``attention_backends``, ...
+        self.json_key = kind.replace(" ", "_") + "s"
         self.spec_type = spec_type
         self._specs: dict[str, S] = {}
         self._owners: dict[str, PluginInfo] = {}
@@ -85,18 +87,18 @@ class ModelRegistry(SpecRegistry[ModelSpec]):
         self._by_architecture: dict[str, str] = {}
 
     def add(self, spec: object, owner: PluginInfo, hook: str) -> None:
+        if isinstance(spec, ModelSpec):
+            for architecture in spec.architectures:
+                taken_by = self._by_architecture.get(architecture)
+                if taken_by is not None:
+                    raise PluginError(
+                        f"{owner.describe()} registers model {spec.name!r} for architecture "
+                        f"{architecture!r}, which model {taken_by!r} of "
+                        f"{self.owner(taken_by).describe()} already serves; an architecture "
+                        "can be served by one installed plugin"
+                    )
         super().add(spec, owner, hook)
         assert isinstance(spec, ModelSpec)
-        for architecture in spec.architectures:
-            taken_by = self._by_architecture.get(architecture)
-            if taken_by is not None:
-                other = self.owner(taken_by)
-                del self._specs[spec.name], self._owners[spec.name]
-                raise PluginError(
-                    f"{owner.describe()} registers model {spec.name!r} for architecture "
-                    f"{architecture!r}, which model {taken_by!r} of {other.describe()} "
-                    "already serves; an architecture can be served by one installed plugin"
-                )
         for architecture in spec.architectures:
             self._by_architecture[architecture] = spec.name
 
@@ -133,7 +135,7 @@ class Registry:
     )
 
     def by_hook(self) -> dict[str, SpecRegistry[Any]]:
-        """Each registration hook's name and the registry it fills."""
+        """Each registration hook's name and the registry it fills, in listing order."""
         return {
             "register_models": self.models,
             "register_attention_backends": self.attention_backends,
@@ -144,18 +146,22 @@ class Registry:
 
     @classmethod
     def build(cls, pm: TGIPluginManager) -> Registry:
-        """Call every registration hook of every plugin, in registration order."""
+        """Call every registration hook of every plugin, in registration order.
+
+        Each plugin's implementation is called through pluggy on its own (a subset hook
+        caller), so tracing and hook wrappers apply and every spec has a known owner.
+        """
         registry = cls(plugins=pm.infos())
+        plugins = list(pm.plugins_in_order())
         for hook_name, target in registry.by_hook().items():
-            impls = {id(impl.plugin): impl for impl in getattr(pm.hook, hook_name).get_hookimpls()}
-            for plugin, info in pm.plugins_in_order():
-                impl = impls.get(id(plugin))
-                if impl is None:
+            owners = {id(impl.plugin) for impl in getattr(pm.hook, hook_name).get_hookimpls()}
+            for plugin, info in plugins:
+                if id(plugin) not in owners:
                     continue
-                register = _register_callback(target, info, hook_name)
-                arguments = {"register": register}
+                others = [other for other, _ in plugins if other is not plugin]
+                caller = pm.subset_hook_caller(hook_name, remove_plugins=others)
                 try:
-                    impl.function(**{name: arguments[name] for name in impl.argnames})
+                    caller(register=_register_callback(target, info, hook_name))
                 except PluginError:
                     raise
                 except Exception as exc:
@@ -165,13 +171,13 @@ class Registry:
         return registry
 
     def registered_by(self, plugin_name: str) -> dict[str, list[AnySpec]]:
-        """What one plugin registered, by registry kind."""
-        found: dict[str, list[AnySpec]] = {}
-        for target in self.by_hook().values():
-            for spec in target:
-                if target.owner(spec.name).name == plugin_name:
-                    found.setdefault(target.kind, []).append(spec)
-        return found
+        """What one plugin registered: ``{json_key: specs}`` for every kind, in order."""
+        return {
+            target.json_key: [
+                spec for spec in target if target.owner(spec.name).name == plugin_name
+            ]
+            for target in self.by_hook().values()
+        }
 
 
 def _register_callback(

@@ -15,10 +15,10 @@ def serve(resolved: ResolvedConfig) -> None:
     Raises :class:`~tgi_core.errors.TGIError` subclasses for anything a user can fix.
     """
     config = resolved.config
-    configure_logging(json_output=True if config.json_output else None, level=config.log_level)
+    configure_logging(json_output=config.json_output, level=config.log_level)
     log = get_logger("tgi_core.serve")
     registry = Registry.build(make_plugin_manager())
-    resolved = resolved.with_plugin_sections(registry)
+    resolved = resolved.with_registry(registry)
     log.info(
         "plugins loaded",
         plugins=[f"{info.distribution}=={info.version}" for info in registry.plugins],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
@@ -80,7 +80,6 @@ class _Spec:
     __slots__ = ()
     name: str
     factory: Factory
-    kind_label = "spec"
 
     def load(self) -> Callable[..., Any]:
         """Import and return the implementation this spec points to."""
@@ -110,7 +109,6 @@ class ModelSpec(_Spec):
     #: attention features (see ``ATTENTION_FEATURES``) the model needs from a backend.
     requires: frozenset[str] = frozenset({"causal"})
     description: str = ""
-    kind_label = "model"
 
     def __post_init__(self) -> None:
         _check_name("model", self.name)
@@ -140,7 +138,6 @@ class AttentionBackendSpec(_Spec):
     #: among backends that fit a model, the highest priority is chosen by default.
     priority: int = 0
     description: str = ""
-    kind_label = "attention backend"
 
     def __post_init__(self) -> None:
         _check_name("attention backend", self.name)
@@ -162,7 +159,6 @@ class QuantizerSpec(_Spec):
     factory: Factory
     quant_methods: tuple[str, ...] = ()
     description: str = ""
-    kind_label = "quantizer"
 
     def __post_init__(self) -> None:
         _check_name("quantizer", self.name)
@@ -181,7 +177,6 @@ class FrontendSpec(_Spec):
     factory: Factory
     routes: tuple[str, ...] = ()
     description: str = ""
-    kind_label = "frontend"
 
     def __post_init__(self) -> None:
         _check_name("frontend", self.name)
@@ -201,14 +196,23 @@ class ConfigSectionSpec:
 
     name: str
     schema: type[msgspec.Struct]
-    description: str = field(default="")
-    kind_label = "config section"
+    description: str = ""
 
     def __post_init__(self) -> None:
         _check_name("config section", self.name)
         if not (isinstance(self.schema, type) and issubclass(self.schema, msgspec.Struct)):
             raise ValueError(
                 f"config section {self.name!r}: schema must be a msgspec.Struct subclass"
+            )
+        required = [
+            field.name
+            for field in msgspec.structs.fields(self.schema)
+            if field.default is msgspec.NODEFAULT and field.default_factory is msgspec.NODEFAULT
+        ]
+        if required:
+            raise ValueError(
+                f"config section {self.name!r}: every field needs a default (an absent "
+                f"section means all defaults); no default: {', '.join(required)}"
             )
 
 

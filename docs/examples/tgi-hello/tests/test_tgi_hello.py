@@ -21,7 +21,7 @@ def test_hooks_in_isolation(tgi_registry_with):
 def test_route_uses_the_config_section(tgi_registry, tmp_path):
     deploy = tmp_path / "deploy.toml"
     deploy.write_text('[plugins.hello]\ngreeting = "Bonjour"\nexcited = true\n')
-    resolved = load_config(config_file=deploy, environ={}).with_plugin_sections(tgi_registry)
+    resolved = load_config(config_file=deploy, environ={}).with_registry(tgi_registry)
     ctx = FrontendContext(resolved.config, resolved.plugin_sections)
     handlers = tgi_registry.frontends["hello"].load()(ctx)
     with TestClient(Litestar(route_handlers=handlers)) as client:
