@@ -153,3 +153,13 @@ def test_unknown_plugin_names_in_settings_are_config_errors(run) -> None:
         "attention = 'flashy' from environment variable ATTENTION names no installed "
         "attention backend" in result.output
     )
+
+
+def test_builtin_attention_backends_are_listed_first(run) -> None:
+    data = json.loads(run("plugins", "--json").output)
+    builtin = data["plugins"][0]
+    assert builtin["builtin"] and builtin["distribution"] == "tgi-core"
+    backends = {b["name"]: b for b in builtin["attention_backends"]}
+    assert set(backends) == {"sdpa", "reference"}
+    assert backends["sdpa"]["priority"] > backends["reference"]["priority"]
+    assert "alibi" in backends["sdpa"]["features"]

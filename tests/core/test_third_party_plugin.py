@@ -94,7 +94,9 @@ def test_plugins_table_in_a_fresh_process(with_installed_plugins) -> None:
 def test_load_plugins_filter_in_a_fresh_process(with_installed_plugins, allow, expected) -> None:
     result = tgi_core_cli(with_installed_plugins, "plugins", "--json", TGI_LOAD_PLUGINS=allow)
     assert result.returncode == 0, result.stderr
-    assert {p["distribution"] for p in json.loads(result.stdout)["plugins"]} == expected
+    plugins = json.loads(result.stdout)["plugins"]
+    assert {p["distribution"] for p in plugins if not p["builtin"]} == expected
+    assert plugins[0]["builtin"] and plugins[0]["distribution"] == "tgi-core"
 
 
 def test_plugin_config_section_through_the_cli(with_installed_plugins, tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ LOAD_PLUGINS_ENV = "TGI_LOAD_PLUGINS"
 TRACE_PLUGINS_ENV = "TGI_TRACE_PLUGINS"
 
 #: Modules registered before any entry point, through the very same hooks.
-DEFAULT_PLUGINS: tuple[str, ...] = ()
+DEFAULT_PLUGINS: tuple[str, ...] = ("tgi_core.attention.default_backends",)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,60 @@
+"""The paged KV cache: per attention layer, a key and a value tensor of slots.
+
+Slot ``s`` holds one token's keys (or values) for every KV head of the layer: the
+tensors have shape ``[num_blocks * block_size, num_kv_heads, head_dim]`` and block
+``b`` owns slots ``[b * block_size, (b + 1) * block_size)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from tgi_core.model.layers.attention import Attention
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every attention layer, indexed by ``Attention.layer_index``."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    num_blocks: int
+    block_size: int
+
+    @classmethod
+    def allocate(
+        cls,
+        layers: Sequence[Attention],
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> KVCache:
+        """Allocate zeroed caches for ``layers`` and number them in order."""
+        keys, values = [], []
+        for index, layer in enumerate(layers):
+            layer.layer_index = index
+            shape = (num_blocks * block_size, layer.num_kv_heads, layer.head_dim)
+            keys.append(torch.zeros(shape, dtype=dtype, device=device))
+            values.append(torch.zeros(shape, dtype=dtype, device=device))
+        return cls(keys, values, num_blocks, block_size)
+
+    @staticmethod
+    def bytes_per_block(layers: Sequence[Attention], block_size: int, dtype: torch.dtype) -> int:
+        """Memory one block takes across every layer (keys and values)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return sum(
+            2 * block_size * layer.num_kv_heads * layer.head_dim * itemsize for layer in layers
+        )
+
+    def write(
+        self, layer_index: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> None:
+        """Store the new tokens' ``key``/``value`` ``[T, Hkv, D]`` at ``slots``."""
+        self.keys[layer_index].index_copy_(0, slots, key.to(self.keys[layer_index].dtype))
+        self.values[layer_index].index_copy_(0, slots, value.to(self.values[layer_index].dtype))

@@ -1,0 +1,172 @@
+"""The default backend: PyTorch's ``scaled_dot_product_attention`` over the paged cache.
+
+Per step, ``prepare`` splits the sequences in two groups and builds their index tensors
+once for every layer:
+
+- decode sequences (one new token each) are attended together in one batched SDPA
+  call: their keys are gathered from the cache into ``[S, max_len]`` (padding masked);
+- prefill sequences (a prompt or a chunk of one) are attended one by one: a fresh prompt
+  uses its own new keys with a causal mask; a chunk that continues a cached prefix
+  gathers its past from the cache.
+
+Attention math runs in float32 with a float32 cache: on CPU, bf16 SDPA is several times
+slower than fp32 (docs/benchmarks.md), and it keeps the scores exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from tgi_core.attention.backend import AttentionBackend
+from tgi_core.attention.batch import ForwardBatch, slots_for
+from tgi_core.model.layers.attention import Attention
+
+
+@dataclass
+class _Decodes:
+    rows: torch.Tensor  # [S] packed index of each decode token
+    slots: torch.Tensor  # [S, L] cache slots of each sequence's positions (padded with 0)
+    valid: torch.Tensor  # [S, L] bool: position exists
+    key_pos: torch.Tensor  # [L] float positions, for ALiBi
+    query_pos: torch.Tensor  # [S] position of each decode token
+
+
+@dataclass
+class _Prefill:
+    start: int
+    end: int
+    num_cached: int
+    slots: torch.Tensor | None  # every position's slot when a cached prefix is attended
+
+
+@dataclass
+class _Plan:
+    decodes: _Decodes | None
+    prefills: list[_Prefill]
+
+
+class SdpaBackend(AttentionBackend):
+    """Batched decodes and per-sequence prefills through ``F.scaled_dot_product_attention``."""
+
+    name: ClassVar[str] = "sdpa"
+    features: ClassVar[frozenset[str]] = frozenset(
+        {"causal", "paged_kv", "prefix_caching", "sliding_window", "alibi"}
+    )
+
+    def kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return torch.float32
+
+    def prepare(self, batch: ForwardBatch) -> _Plan:
+        decode_ids = [i for i, chunk in enumerate(batch.chunks) if chunk.num_new == 1]
+        decodes = None
+        if decode_ids:
+            chunks = [batch.chunks[i] for i in decode_ids]
+            max_len = max(chunk.seq_len for chunk in chunks)
+            slots = torch.zeros(len(chunks), max_len, dtype=torch.int64)
+            for row, chunk in enumerate(chunks):
+                slots[row, : chunk.seq_len] = torch.tensor(
+                    slots_for(chunk.block_table, 0, chunk.seq_len, batch.block_size)
+                )
+            lengths = torch.tensor([chunk.seq_len for chunk in chunks])
+            decodes = _Decodes(
+                rows=torch.tensor([batch.query_start[i] for i in decode_ids]),
+                slots=slots,
+                valid=torch.arange(max_len)[None, :] < lengths[:, None],
+                key_pos=torch.arange(max_len, dtype=torch.float32),
+                query_pos=lengths - 1,
+            )
+        prefills = []
+        for index, chunk in enumerate(batch.chunks):
+            if chunk.num_new == 1:
+                continue
+            slots_all = None
+            if chunk.num_cached:
+                slots_all = torch.tensor(
+                    slots_for(chunk.block_table, 0, chunk.seq_len, batch.block_size)
+                )
+            prefills.append(
+                _Prefill(
+                    batch.query_start[index],
+                    batch.query_start[index + 1],
+                    chunk.num_cached,
+                    slots_all,
+                )
+            )
+        return _Plan(decodes, prefills)
+
+    def forward(
+        self,
+        layer: Attention,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:
+        cache = batch.kv_cache
+        cache.write(layer.layer_index, batch.slot_mapping, k, v)
+        keys, values = cache.keys[layer.layer_index], cache.values[layer.layer_index]
+        plan: _Plan = batch.state
+        out = torch.empty(q.shape[0], layer.num_heads, layer.head_dim, dtype=torch.float32)
+        gqa = layer.num_kv_heads != layer.num_heads
+        if plan.decodes is not None:
+            d = plan.decodes
+            query = q[d.rows].float().unsqueeze(2)  # [S, H, 1, D]
+            key = keys[d.slots].transpose(1, 2)  # [S, Hkv, L, D]
+            value = values[d.slots].transpose(1, 2)
+            decode_mask = self._decode_mask(layer, d)
+            attended = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=decode_mask, scale=layer.scale, enable_gqa=gqa
+            )
+            out[d.rows] = attended.squeeze(2)
+        for p in plan.prefills:
+            query = q[p.start : p.end].float().transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            if p.slots is None:
+                key, value = k[p.start : p.end].float(), v[p.start : p.end].float()
+            else:
+                key, value = keys[p.slots], values[p.slots]
+            key = key.transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+            value = value.transpose(0, 1).unsqueeze(0)
+            mask = self._prefill_mask(layer, p, key.shape[2])
+            attended = F.scaled_dot_product_attention(
+                query,
+                key,
+                value,
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=layer.scale,
+                enable_gqa=gqa,
+            )
+            out[p.start : p.end] = attended.squeeze(0).transpose(0, 1)
+        return out.to(q.dtype).flatten(1)
+
+    @staticmethod
+    def _decode_mask(layer: Attention, d: _Decodes) -> torch.Tensor:
+        allowed = d.valid
+        if layer.sliding_window is not None:
+            allowed = allowed & (
+                d.query_pos[:, None] - torch.arange(d.valid.shape[1])[None, :]
+                < layer.sliding_window
+            )
+        allowed = allowed[:, None, None, :]  # [S, 1, 1, L]
+        if layer.alibi_slopes is None:
+            return allowed
+        bias = layer.alibi_slopes.float()[None, :, None, None] * d.key_pos  # [1, H, 1, L]
+        return bias.masked_fill(~allowed, float("-inf"))
+
+    @staticmethod
+    def _prefill_mask(layer: Attention, p: _Prefill, num_keys: int) -> torch.Tensor | None:
+        if p.num_cached == 0 and layer.sliding_window is None and layer.alibi_slopes is None:
+            return None  # plain causal attention over the prompt itself
+        query_pos = torch.arange(p.num_cached, p.num_cached + p.end - p.start)[:, None]
+        key_pos = torch.arange(num_keys)[None, :]
+        allowed = key_pos <= query_pos
+        if layer.sliding_window is not None:
+            allowed &= query_pos - key_pos < layer.sliding_window
+        if layer.alibi_slopes is None:
+            return allowed
+        bias = layer.alibi_slopes.float()[:, None, None] * key_pos.float()  # [H, 1, L]
+        return bias.masked_fill(~allowed, float("-inf")).unsqueeze(0)

@@ -1,0 +1,67 @@
+"""Normalization layers: RMSNorm (with a fused residual add) and LayerNorm."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tgi_core.model.weights import LazyTensor
+
+
+def _load_whole(param: nn.Parameter, loaded: LazyTensor, shard_id: object = None) -> None:
+    if tuple(param.shape) != loaded.shape:
+        raise ValueError(
+            f"{loaded.name}: checkpoint shape {loaded.shape} does not match the model's "
+            f"{tuple(param.shape)}"
+        )
+    param.data.copy_(loaded.load())
+
+
+def replicated_parameter(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
+    """A parameter every rank holds whole, loaded as is."""
+    param = nn.Parameter(
+        torch.ones(*shape, dtype=dtype or torch.get_default_dtype()), requires_grad=False
+    )
+    param.weight_loader = _load_whole  # type: ignore[attr-defined]
+    return param
+
+
+class RMSNorm(nn.Module):
+    """``weight * x / sqrt(mean(x^2) + eps)``, computed in float32 like transformers."""
+
+    def __init__(
+        self, hidden_size: int, eps: float = 1e-6, *, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = replicated_parameter(hidden_size, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalize ``x + residual``; returns ``(normalized, x + residual)``."""
+        summed = x + residual
+        return self.forward(summed), summed
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias."""
+
+    def __init__(
+        self, hidden_size: int, eps: float = 1e-5, *, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = replicated_parameter(hidden_size, dtype=dtype)
+        self.bias = replicated_parameter(hidden_size, dtype=dtype)
+        self.bias.data.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)

@@ -1,0 +1,192 @@
+"""Build a model from a checkpoint folder and fill its weights, one tensor at a time.
+
+Peak memory while loading is the model's weights plus the largest single tensor being
+read (safetensors slices are read lazily, converted into the parameter, and freed).
+Every tensor the checkpoint has must find a parameter, and every parameter must be
+filled: the error names a few of either when they don't.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tgi_core.model.base import ModelContext, default_torch_dtype
+from tgi_core.model.checkpoint import Checkpoint, CheckpointError
+from tgi_core.model.weights import LazyTensor, SafetensorsWeights
+from tgi_core.registry import Registry
+from tgi_core.specs import ModelSpec
+
+#: Tensors that old checkpoints carry but no model needs.
+ALWAYS_IGNORED = (r"\.rotary_emb\.inv_freq$", r"\.attn\.masked_bias$", r"\.attn\.bias$")
+#: First-party plugins, for the "install this" hint.
+KNOWN_PLUGINS = {
+    "tgi-llama": ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
+    "tgi-bloom": ("BloomForCausalLM",),
+    "tgi-t5": ("T5ForConditionalGeneration",),
+}
+
+
+def _few(names: Iterable[str], limit: int = 5) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def select_model_spec(checkpoint: Checkpoint, registry: Registry) -> ModelSpec:
+    """The registered model serving the checkpoint's architecture (then model_type)."""
+    for architecture in checkpoint.architectures:
+        spec = registry.models.for_architecture(architecture)
+        if spec is not None:
+            return spec
+    if checkpoint.model_type:
+        spec = registry.models.for_model_type(checkpoint.model_type)
+        if spec is not None:
+            return spec
+    wanted = checkpoint.architectures or [f"model_type {checkpoint.model_type!r}"]
+    served = ", ".join(registry.models.architectures()) or "none (no model plugin installed)"
+    hint = next(
+        (
+            f"; install {package} (pip install {package})"
+            for package, architectures in KNOWN_PLUGINS.items()
+            if set(architectures) & set(checkpoint.architectures)
+        ),
+        "",
+    )
+    raise CheckpointError(
+        f"no installed plugin serves {', '.join(wanted)} (from {checkpoint.path}/config.json)"
+        f"{hint}. Architectures served: {served}"
+    )
+
+
+def _target_name(model: nn.Module, name: str) -> tuple[str, Any] | None:
+    """The parameter a checkpoint tensor loads into, and its shard id; None to skip."""
+    mapper = getattr(model, "map_checkpoint_name", None)
+    if mapper is not None:
+        mapped = mapper(name)
+        if mapped is None:
+            return None
+        name = mapped
+    for pattern in (*ALWAYS_IGNORED, *getattr(model, "ignored_checkpoint_tensors", ())):
+        if re.search(pattern, name):
+            return None
+    packed: dict[str, tuple[str, Any]] = getattr(model, "packed_modules_mapping", {})
+    for source, (target, shard_id) in packed.items():
+        if f".{source}." in name:
+            return name.replace(f".{source}.", f".{target}."), shard_id
+    return name, None
+
+
+def _expected_loads(model: nn.Module, params: dict[str, nn.Parameter]) -> set[tuple[str, Any]]:
+    packed: dict[str, tuple[str, Any]] = getattr(model, "packed_modules_mapping", {})
+    shards: dict[str, list[Any]] = {}
+    for target, shard_id in packed.values():
+        shards.setdefault(target, []).append(shard_id)
+    expected = set()
+    for name in params:
+        parts = name.split(".")
+        module = parts[-2] if len(parts) > 1 else ""
+        for shard_id in shards.get(module, [None]):
+            expected.add((name, shard_id))
+    return expected
+
+
+def load_weights(model: nn.Module, weights: SafetensorsWeights, *, progress: bool = False) -> None:
+    """Fill every parameter of ``model`` from ``weights``; raise CheckpointError on mismatch."""
+    canonical = _canonical_names(model)
+    params = dict(model.named_parameters())
+    loaded: set[tuple[str, Any]] = set()
+    unexpected = []
+    names = list(weights.names())
+    for name in _progress(names, progress):
+        target = _target_name(model, name)
+        if target is None:
+            continue
+        param_name, shard_id = target
+        param_name = canonical.get(param_name, param_name)
+        param = params.get(param_name)
+        if param is None:
+            unexpected.append(name)
+            continue
+        if (param_name, shard_id) in loaded:  # a tied tensor saved twice
+            continue
+        loader = getattr(param, "weight_loader", _load_whole)
+        try:
+            loader(param, weights.get(name), shard_id)
+        except ValueError as exc:
+            raise CheckpointError(f"cannot load tensor {name}: {exc}") from None
+        loaded.add((param_name, shard_id))
+    if unexpected:
+        raise CheckpointError(f"the checkpoint has tensors the model does not: {_few(unexpected)}")
+    missing = _expected_loads(model, params) - loaded
+    if missing:
+        raise CheckpointError(
+            "the checkpoint lacks tensors the model needs: "
+            + _few(name if shard is None else f"{name} ({shard})" for name, shard in missing)
+        )
+    for module in model.modules():
+        method = getattr(module, "method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(module)
+
+
+def _canonical_names(model: nn.Module) -> dict[str, str]:
+    """Alias -> canonical name for parameters shared under several names (tied heads)."""
+    by_identity: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        first = by_identity.setdefault(id(param), name)
+        if first != name:
+            aliases[name] = first
+    return aliases
+
+
+def _load_whole(param: nn.Parameter, loaded: LazyTensor, shard_id: Any = None) -> None:
+    if tuple(param.shape) != loaded.shape:
+        raise ValueError(
+            f"checkpoint shape {loaded.shape} does not match the model's {tuple(param.shape)}"
+        )
+    param.data.copy_(loaded.load())
+
+
+def _progress(names: list[str], enabled: bool) -> Iterable[str]:
+    if not (enabled and sys.stderr.isatty()):
+        return names
+    from rich.progress import track
+
+    return track(names, description="loading weights", console=None, transient=True)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with what it was built from."""
+
+    model: nn.Module
+    spec: ModelSpec
+    hf_config: Any
+    checkpoint: Checkpoint
+    dtype: torch.dtype
+
+
+def load_model(
+    path: str, registry: Registry, *, ctx: ModelContext, progress: bool = False
+) -> LoadedModel:
+    """Open the checkpoint at ``path``, build its model and load its weights."""
+    checkpoint = Checkpoint.open(path)
+    spec = select_model_spec(checkpoint, registry)
+    hf_config = checkpoint.hf_config()
+    try:
+        weights = SafetensorsWeights.from_files(list(checkpoint.weight_files))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"cannot read the weights of {checkpoint.path}: {exc}") from None
+    with default_torch_dtype(ctx.dtype), torch.device(ctx.device):
+        model = spec.load()(hf_config, ctx)
+    load_weights(model, weights, progress=progress)
+    model.eval()
+    return LoadedModel(model, spec, hf_config, checkpoint, ctx.dtype)
