@@ -10,6 +10,7 @@ prompt in one forward, then one token at a time through transformers' own cache.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,70 @@ def reference_logits(
         out = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True)
         rows.append(out.logits[0].float())
     return torch.cat(rows)
+
+
+@dataclass
+class Comparison:
+    """How a served model's logits compare with transformers' on the same checkpoint."""
+
+    max_abs_diff: float  # over every prompt position and decode step of every sequence
+    tokens: list[list[int]]  # greedy tokens, ours
+    reference_tokens: list[list[int]]  # greedy tokens, transformers (teacher-forced on ours)
+
+
+def compare_with_transformers(
+    path: str | Path,
+    prompts: Sequence[Sequence[int]],
+    *,
+    backend: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    decode_steps: int = 16,
+    block_size: int = 4,
+    prefill_chunk: int | None = None,
+    reference: Any = None,
+) -> Comparison:
+    """Serve ``path`` with the installed plugins and compare with transformers.
+
+    All prompts are prefilled together in one packed batch (in chunks of
+    ``prefill_chunk`` tokens if given), then ``decode_steps`` greedy tokens are decoded
+    together through the paged cache; transformers runs each sequence alone, prompt then
+    one token at a time through its own cache, on the tokens we chose.
+    """
+    from tgi_core.model.base import ModelContext
+    from tgi_core.model.loader import load_model
+    from tgi_core.model.runner import PagedRunner
+    from tgi_core.plugins import make_plugin_manager
+    from tgi_core.registry import Registry
+
+    registry = Registry.build(make_plugin_manager())
+    loaded = load_model(str(path), registry, ctx=ModelContext(dtype=dtype))
+    backend_impl = registry.attention_backends[backend].load()()
+    longest = max(len(p) for p in prompts) + decode_steps
+    num_blocks = len(prompts) * (-(-longest // block_size) + 1)
+    runner = PagedRunner(
+        loaded.model, backend_impl, num_blocks=num_blocks, block_size=block_size, model_dtype=dtype
+    )
+    ids = [runner.add(prompt) for prompt in prompts]
+    prompt_logits: list[list[torch.Tensor]] = [[] for _ in ids]
+    while any(runner.sequences[i].num_cached < len(prompts[n]) for n, i in enumerate(ids)):
+        pending = [i for n, i in enumerate(ids) if runner.sequences[i].num_cached < len(prompts[n])]
+        outs = runner.step(pending, max_tokens=prefill_chunk, all_logits=True)
+        for seq_id, out in zip(pending, outs, strict=True):
+            prompt_logits[ids.index(seq_id)].append(out)
+    ours = [torch.cat(rows) for rows in prompt_logits]
+    tokens = [[int(rows[-1].argmax())] for rows in ours]
+    decoded: list[list[torch.Tensor]] = [[] for _ in ids]
+    for _ in range(decode_steps):
+        for n, seq_id in enumerate(ids):
+            runner.append(seq_id, [tokens[n][-1]])
+        for n, last in enumerate(runner.step(ids)):
+            decoded[n].append(last)
+            tokens[n].append(int(last.argmax()))
+    model = reference if reference is not None else load_reference(path, dtype)
+    worst, reference_tokens = 0.0, []
+    for n, prompt in enumerate(prompts):
+        expected = reference_logits(model, prompt, tokens[n][:decode_steps])
+        got = torch.cat([ours[n], *(row[None] for row in decoded[n])])
+        worst = max(worst, (expected - got).abs().max().item())
+        reference_tokens.append([int(t) for t in expected[len(prompt) - 1 :].argmax(-1)])
+    return Comparison(worst, [t[: decode_steps + 1] for t in tokens], reference_tokens)
