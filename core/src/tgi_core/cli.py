@@ -185,6 +185,20 @@ def list_plugins(as_json: bool) -> None:
         render_plugins_table(registry)
 
 
+@cli.command("convert")
+@click.argument("folder", type=click.Path(file_okay=False))
+def convert(folder: str) -> None:
+    """Convert a checkpoint's PyTorch pickle weights (.bin) to safetensors.
+
+    Reads them with torch.load(weights_only=True), which refuses anything but tensors,
+    and writes model.safetensors (or shards and an index) next to them.
+    """
+    from tgi_core.model.convert import convert_checkpoint
+
+    for path in convert_checkpoint(folder):
+        click.echo(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="tgi-core")

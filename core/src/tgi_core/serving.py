@@ -1,4 +1,4 @@
-"""``tgi-core serve``: resolve plugins and config, then run the server."""
+"""``tgi-core serve``: resolve plugins and config, load the model, then run the server."""
 
 from __future__ import annotations
 
@@ -26,7 +26,24 @@ def serve(resolved: ResolvedConfig) -> None:
     )
     if config.model_id is None:
         raise ConfigError("no model to serve: pass --model-id DIR or set MODEL_ID")
+
+    from tgi_core.attention.selection import select_backend
+    from tgi_core.model.base import DTYPES, ModelContext, default_dtype
+    from tgi_core.model.checkpoint import Checkpoint
+    from tgi_core.model.loader import load_model, select_model_spec
+
+    spec = select_model_spec(Checkpoint.open(config.model_id), registry)
+    backend = select_backend(spec, registry, config.attention)
+    dtype = DTYPES[config.dtype] if config.dtype else default_dtype()
+    loaded = load_model(config.model_id, registry, ctx=ModelContext(dtype=dtype), progress=True)
+    log.info(
+        "model loaded",
+        model=spec.name,
+        architecture=type(loaded.model).__name__,
+        dtype=str(dtype).removeprefix("torch."),
+        attention=backend.name,
+    )
     raise TGIError(
-        "this build of tgi-core has no inference engine yet: configuration and plugins "
-        "are valid, but serving arrives with the engine and server releases"
+        "this build of tgi-core has no inference engine yet: the model loads and the "
+        "configuration is valid, but serving arrives with the engine and server releases"
     )

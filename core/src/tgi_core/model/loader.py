@@ -120,7 +120,8 @@ def load_weights(model: nn.Module, weights: SafetensorsWeights, *, progress: boo
         try:
             loader(param, weights.get(name), shard_id)
         except ValueError as exc:
-            raise CheckpointError(f"cannot load tensor {name}: {exc}") from None
+            detail = str(exc).removeprefix(f"{name}: ")
+            raise CheckpointError(f"cannot load tensor {name}: {detail}") from None
         loaded.add((param_name, shard_id))
     if unexpected:
         raise CheckpointError(f"the checkpoint has tensors the model does not: {_few(unexpected)}")

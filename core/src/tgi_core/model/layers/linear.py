@@ -63,6 +63,19 @@ def _copy(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
     param.data.copy_(loaded)
 
 
+def _check_full(loaded: LazyTensor, expected: tuple[int, ...]) -> None:
+    """The checkpoint tensor must have the layer's full (unsharded) shape."""
+    if tuple(loaded.shape) != expected:
+        raise ValueError(
+            f"{loaded.name}: checkpoint shape {tuple(loaded.shape)} does not match the "
+            f"model's {expected}"
+        )
+
+
+def _full_shape(param: nn.Parameter, rows: int, cols: int) -> tuple[int, ...]:
+    return (rows,) if param.dim() == 1 else (rows, cols)
+
+
 class LinearBase(nn.Module):
     """Shared state of every linear layer: sizes, rank, bias and the linear method."""
 
@@ -167,6 +180,7 @@ class ColumnParallelLinear(LinearBase):
         )
 
     def weight_loader(self, param: nn.Parameter, loaded: LazyTensor, shard_id: Any = None) -> None:
+        _check_full(loaded, _full_shape(param, self.output_size, self.input_size))
         size = self.output_size_per_partition
         _copy(param, loaded.narrow(0, self.tp.rank * size, size).load(), loaded.name)
 
@@ -203,6 +217,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         if shard_id is None:  # already packed in the checkpoint
             super().weight_loader(param, loaded)
             return
+        _check_full(loaded, _full_shape(param, self.output_sizes[shard_id], self.input_size))
         world = self.tp.world_size
         offset = sum(self.output_sizes[:shard_id]) // world
         size = self.output_sizes[shard_id] // world
@@ -256,6 +271,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         return self.num_kv_heads * self.head_dim
 
     def weight_loader(self, param: nn.Parameter, loaded: LazyTensor, shard_id: Any = None) -> None:
+        heads = self.total_num_heads if shard_id == "q" else self.total_num_kv_heads
+        _check_full(loaded, _full_shape(param, heads * self.head_dim, self.input_size))
         if shard_id == "q":
             offset, size, index = 0, self.q_size, self.tp.rank
         elif shard_id in ("k", "v"):
@@ -310,6 +327,7 @@ class RowParallelLinear(LinearBase):
         if param.dim() == 1:  # the bias is whole on every rank
             _copy(param, loaded.load(), loaded.name)
             return
+        _check_full(loaded, (self.output_size, self.input_size))
         size = self.input_size_per_partition
         _copy(param, loaded.narrow(1, self.tp.rank * size, size).load(), loaded.name)
 

@@ -1,0 +1,146 @@
+"""Attention backends agree with dense attention on mixed packed batches over a paged cache."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tgi_core.attention.batch import ForwardBatch, SequenceChunk, slots_for
+from tgi_core.attention.kv_cache import KVCache
+from tgi_core.attention.reference import ReferenceBackend
+from tgi_core.attention.sdpa import SdpaBackend
+from tgi_core.model.layers.alibi import alibi_slopes
+from tgi_core.model.layers.attention import Attention
+
+BACKENDS = (SdpaBackend, ReferenceBackend)
+BLOCK = 4
+
+
+def dense_attention(q, k, v, *, scale, window=None, slopes=None):
+    """One sequence, every position: q [n, H, D] over k, v [n, Hkv, D], causal."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    n = q.shape[0]
+    pos = torch.arange(n)
+    allowed = pos[None, :] <= pos[:, None]
+    if window is not None:
+        allowed &= pos[:, None] - pos[None, :] < window
+    if slopes is not None:
+        scores = scores + slopes[:, None, None] * pos.float()
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+class Scenario:
+    """Sequences with a known full history, split into steps of cached + new tokens."""
+
+    def __init__(self, lengths, heads=4, kv_heads=2, dim=8, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        self.q = [torch.randn(n, heads, dim, generator=generator) for n in lengths]
+        self.k = [torch.randn(n, kv_heads, dim, generator=generator) for n in lengths]
+        self.v = [torch.randn(n, kv_heads, dim, generator=generator) for n in lengths]
+        free = list(range(200))
+        random.Random(seed).shuffle(free)  # blocks anywhere in the cache, not in order
+        self.tables = [[free.pop() for _ in range(-(-n // BLOCK))] for n in lengths]
+
+    def run(self, backend, layer, steps):
+        """``steps``: per step, per sequence, the number of new tokens (0: not scheduled)."""
+        cache = KVCache.allocate([layer], 200, BLOCK, backend.kv_cache_dtype(torch.float32))
+        done = [0] * len(self.q)
+        outputs = [[] for _ in self.q]
+        for step in steps:
+            chunks, members = [], []
+            for i, n in enumerate(step):
+                if n:
+                    chunks.append(SequenceChunk(done[i], n, self.tables[i]))
+                    members.append(i)
+            batch = ForwardBatch.build(chunks, cache, backend)
+
+            def new(xs, step=step, members=members):
+                return torch.cat([xs[i][done[i] : done[i] + step[i]] for i in members])
+
+            out = layer(new(self.q), new(self.k), new(self.v), batch)
+            for j, i in enumerate(members):
+                rows = out[batch.query_start[j] : batch.query_start[j + 1]]
+                outputs[i].append(rows.view(-1, layer.num_heads, layer.head_dim))
+                done[i] += step[i]
+        return [torch.cat(parts) for parts in outputs], cache
+
+
+STEPS = [
+    [5, 9, 1, 0],  # prompts of different lengths (one a single token), one not yet admitted
+    [1, 4, 1, 7],  # decodes, a prefill chunk continuing a cached prefix, a new prompt
+    [1, 1, 1, 1],  # all decodes
+    [1, 1, 1, 1],
+    [3, 1, 1, 1],
+]
+LENGTHS = [sum(step[i] for step in STEPS) for i in range(4)]
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "window", "alibi"),
+    [
+        (4, 4, None, False),
+        (4, 2, None, False),
+        (4, 1, None, False),
+        (4, 2, 3, False),
+        (4, 4, None, True),
+        (6, 6, 5, True),
+    ],
+)
+def test_backend_matches_dense_attention(backend_cls, heads, kv_heads, window, alibi) -> None:
+    scenario = Scenario(LENGTHS, heads=heads, kv_heads=kv_heads)
+    slopes = alibi_slopes(heads) if alibi else None
+    layer = Attention(heads, 8, kv_heads, scale=8**-0.5, sliding_window=window, alibi_slopes=slopes)
+    layer.layer_index = 0
+    outputs, cache = scenario.run(backend_cls(), layer, STEPS)
+    for i, out in enumerate(outputs):
+        expected = dense_attention(
+            scenario.q[i], scenario.k[i], scenario.v[i], scale=8**-0.5, window=window, slopes=slopes
+        )
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        slots = torch.tensor(slots_for(scenario.tables[i], 0, LENGTHS[i], BLOCK))
+        assert torch.equal(cache.keys[0][slots], scenario.k[i])  # every K/V landed in its slot
+        assert torch.equal(cache.values[0][slots], scenario.v[i])
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+def test_bfloat16_inputs_give_bfloat16_outputs_computed_in_float32(backend_cls) -> None:
+    scenario = Scenario([6, 2], heads=2, kv_heads=2)
+    layer = Attention(2, 8, 2, scale=0.3)
+    layer.layer_index = 0
+    cache = KVCache.allocate([layer], 200, BLOCK, backend_cls().kv_cache_dtype(torch.bfloat16))
+    assert cache.keys[0].dtype == torch.float32
+    batch = ForwardBatch.build(
+        [SequenceChunk(0, 6, scenario.tables[0]), SequenceChunk(0, 2, scenario.tables[1])],
+        cache,
+        backend_cls(),
+    )
+    q = torch.cat(scenario.q).bfloat16()
+    out = layer(q, torch.cat(scenario.k).bfloat16(), torch.cat(scenario.v).bfloat16(), batch)
+    assert out.dtype == torch.bfloat16 and out.shape == (8, 16)
+
+
+def test_batch_metadata() -> None:
+    cache = KVCache(keys=[], values=[], num_blocks=8, block_size=4)
+    batch = ForwardBatch.build(
+        [SequenceChunk(5, 2, [3, 1]), SequenceChunk(0, 3, [6])], cache, ReferenceBackend()
+    )
+    assert batch.positions.tolist() == [5, 6, 0, 1, 2]
+    assert batch.slot_mapping.tolist() == [1 * 4 + 1, 1 * 4 + 2, 24, 25, 26]
+    assert batch.query_start == [0, 2, 5]
+    assert batch.last_token_indices().tolist() == [1, 4]
+    assert batch.seq_lens_per_token().tolist() == [7, 7, 3, 3, 3]
+    with pytest.raises(ValueError, match="block table of 1 blocks cannot hold 7 tokens"):
+        ForwardBatch.build([SequenceChunk(5, 2, [3])], cache, ReferenceBackend())
+
+
+def test_builtin_spec_features_match_the_backends(tgi_registry) -> None:
+    for backend_cls in BACKENDS:
+        spec = tgi_registry.attention_backends[backend_cls.name]
+        assert spec.load() is backend_cls
+        assert spec.features == backend_cls.features
