@@ -283,3 +283,21 @@ def test_unsupported_rope_type_is_named() -> None:
         r"default, linear, dynamic, llama3, yarn",
     ):
         RotaryEmbedding(8, {"rope_type": "longrope", "rope_theta": 1.0}, 64)
+
+
+def test_lazy_tensor_copies_in_chunks_and_converts(monkeypatch) -> None:
+    import tgi_core.model.weights as weights
+
+    source = torch.randn(10, 6)
+    reads = []
+    lazy = LazyTensor("t", (10, 6), lambda slices: reads.append(slices) or source[slices])
+    monkeypatch.setattr(weights, "COPY_CHUNK_BYTES", 3 * 6 * 4)  # three rows at a time
+    target = torch.empty(10, 6, dtype=torch.bfloat16)
+    lazy.copy_into(target)
+    assert torch.equal(target, source.bfloat16())
+    assert len(reads) == 4
+    part = torch.empty(2, 6)
+    lazy.narrow(0, 4, 2).copy_into(part)
+    assert torch.equal(part, source[4:6])
+    with pytest.raises(ValueError, match=r"t: checkpoint shape \(10, 6\) does not match"):
+        lazy.copy_into(torch.empty(10, 5))

@@ -149,11 +149,7 @@ def _canonical_names(model: nn.Module) -> dict[str, str]:
 
 
 def _load_whole(param: nn.Parameter, loaded: LazyTensor, shard_id: Any = None) -> None:
-    if tuple(param.shape) != loaded.shape:
-        raise ValueError(
-            f"checkpoint shape {loaded.shape} does not match the model's {tuple(param.shape)}"
-        )
-    param.data.copy_(loaded.load())
+    loaded.copy_into(param.data)
 
 
 def _progress(names: list[str], enabled: bool) -> Iterable[str]:

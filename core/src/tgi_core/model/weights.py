@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 Reader = Callable[[tuple[slice, ...]], torch.Tensor]
+#: How much of a tensor is read at once while copying it into a parameter.
+COPY_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 class LazyTensor:
@@ -58,6 +60,26 @@ class LazyTensor:
         if not self.shape:
             return self._read(())
         return self._read(self._slices)
+
+    def copy_into(self, target: torch.Tensor) -> None:
+        """Read the slice into ``target`` (converting its dtype), a few MiB at a time.
+
+        Reading in row chunks keeps the memory in flight small, so loading a float32
+        checkpoint as bfloat16 never holds a whole float32 tensor.
+        """
+        if tuple(target.shape) != tuple(self.shape):
+            raise ValueError(
+                f"{self.name}: checkpoint shape {tuple(self.shape)} does not match the model's "
+                f"{tuple(target.shape)}"
+            )
+        if not self.shape or self.shape[0] <= 1:
+            target.copy_(self.load())
+            return
+        row_bytes = max(1, target[0].numel()) * 4
+        rows = max(1, COPY_CHUNK_BYTES // row_bytes)
+        for start in range(0, self.shape[0], rows):
+            length = min(rows, self.shape[0] - start)
+            target[start : start + length].copy_(self.narrow(0, start, length).load())
 
     def __repr__(self) -> str:
         return f"LazyTensor({self.name!r}, shape={self.shape})"

@@ -51,7 +51,7 @@ class VocabParallelEmbedding(nn.Module):
                 f"{(self.num_embeddings, self.embedding_dim)}"
             )
         rows = self.vocab_end - self.vocab_start
-        param.data[:rows].copy_(loaded.narrow(0, self.vocab_start, rows).load())
+        loaded.narrow(0, self.vocab_start, rows).copy_into(param.data[:rows])
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:

@@ -54,15 +54,6 @@ class UnquantizedLinearMethod:
         pass
 
 
-def _copy(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
-    if tuple(param.shape) != tuple(loaded.shape):
-        raise ValueError(
-            f"{what}: checkpoint shape {tuple(loaded.shape)} does not match the model's "
-            f"{tuple(param.shape)}"
-        )
-    param.data.copy_(loaded)
-
-
 def _check_full(loaded: LazyTensor, expected: tuple[int, ...]) -> None:
     """The checkpoint tensor must have the layer's full (unsharded) shape."""
     if tuple(loaded.shape) != expected:
@@ -148,7 +139,7 @@ class ReplicatedLinear(LinearBase):
         )
 
     def weight_loader(self, param: nn.Parameter, loaded: LazyTensor, shard_id: Any = None) -> None:
-        _copy(param, loaded.load(), loaded.name)
+        loaded.copy_into(param.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
@@ -182,7 +173,7 @@ class ColumnParallelLinear(LinearBase):
     def weight_loader(self, param: nn.Parameter, loaded: LazyTensor, shard_id: Any = None) -> None:
         _check_full(loaded, _full_shape(param, self.output_size, self.input_size))
         size = self.output_size_per_partition
-        _copy(param, loaded.narrow(0, self.tp.rank * size, size).load(), loaded.name)
+        loaded.narrow(0, self.tp.rank * size, size).copy_into(param.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
@@ -221,8 +212,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         world = self.tp.world_size
         offset = sum(self.output_sizes[:shard_id]) // world
         size = self.output_sizes[shard_id] // world
-        part = loaded.narrow(0, self.tp.rank * size, size).load()
-        _copy(param.data.narrow(0, offset, size), part, loaded.name)
+        loaded.narrow(0, self.tp.rank * size, size).copy_into(param.data.narrow(0, offset, size))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -280,8 +270,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             size, index = self.kv_size, self.tp.rank // self.kv_replicas
         else:
             raise ValueError(f"{loaded.name}: QKV shard_id must be 'q', 'k' or 'v'")
-        part = loaded.narrow(0, index * size, size).load()
-        _copy(param.data.narrow(0, offset, size), part, loaded.name)
+        loaded.narrow(0, index * size, size).copy_into(param.data.narrow(0, offset, size))
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Split a packed output into q ``[T, H, D]``, k and v ``[T, Hkv, D]``."""
@@ -325,11 +314,11 @@ class RowParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: LazyTensor, shard_id: Any = None) -> None:
         if param.dim() == 1:  # the bias is whole on every rank
-            _copy(param, loaded.load(), loaded.name)
+            loaded.copy_into(param.data)
             return
         _check_full(loaded, (self.output_size, self.input_size))
         size = self.input_size_per_partition
-        _copy(param, loaded.narrow(1, self.tp.rank * size, size).load(), loaded.name)
+        loaded.narrow(1, self.tp.rank * size, size).copy_into(param.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:

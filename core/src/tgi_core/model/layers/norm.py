@@ -10,12 +10,7 @@ from tgi_core.model.weights import LazyTensor
 
 
 def _load_whole(param: nn.Parameter, loaded: LazyTensor, shard_id: object = None) -> None:
-    if tuple(param.shape) != loaded.shape:
-        raise ValueError(
-            f"{loaded.name}: checkpoint shape {loaded.shape} does not match the model's "
-            f"{tuple(param.shape)}"
-        )
-    param.data.copy_(loaded.load())
+    loaded.copy_into(param.data)
 
 
 def replicated_parameter(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
