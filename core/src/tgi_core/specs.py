@@ -96,8 +96,9 @@ class _Spec:
 class ModelSpec(_Spec):
     """A model implementation and the Hugging Face checkpoints it serves.
 
-    ``factory`` is called as ``factory(hf_config, weights, ctx)`` and returns a
-    ``torch.nn.Module`` (the model contract is in ``tgi_core.model``).
+    ``factory`` is called as ``factory(hf_config, ctx)`` (the checkpoint's transformers
+    config and a ``tgi_core.model.base.ModelContext``) and returns a ``torch.nn.Module``;
+    the core then loads its weights (the contract is in ``tgi_core.model.base``).
     """
 
     name: str
