@@ -48,3 +48,6 @@ docs: install
 ## bench: run the benchmarks and write their results to docs/benchmarks.md
 bench: install
 	$(PY) benchmarks/startup.py --write docs/benchmarks.md
+	$(PY) benchmarks/dtype_choice.py --write docs/benchmarks.md
+	$(PY) benchmarks/load_memory.py --write docs/benchmarks.md
+	$(PY) benchmarks/model_step.py --write docs/benchmarks.md

@@ -30,6 +30,8 @@ from tgi_core.model.layers.attention import Attention
 class _Decodes:
     rows: torch.Tensor  # [S] packed index of each decode token
     slots: torch.Tensor  # [S, L] cache slots of each sequence's positions (padded with 0)
+    flat_slots: torch.Tensor  # the same, flattened, for index_select
+    all_valid: bool  # every sequence has max_len positions (no padding)
     valid: torch.Tensor  # [S, L] bool: position exists
     key_pos: torch.Tensor  # [L] float positions, for ALiBi
     query_pos: torch.Tensor  # [S] position of each decode token
@@ -47,6 +49,10 @@ class _Prefill:
 class _Plan:
     decodes: _Decodes | None
     prefills: list[_Prefill]
+
+    @property
+    def decode_only(self) -> bool:
+        return self.decodes is not None and not self.prefills
 
 
 class SdpaBackend(AttentionBackend):
@@ -75,6 +81,8 @@ class SdpaBackend(AttentionBackend):
             decodes = _Decodes(
                 rows=torch.tensor([batch.query_start[i] for i in decode_ids]),
                 slots=slots,
+                flat_slots=slots.flatten(),
+                all_valid=bool((lengths == max_len).all()),
                 valid=torch.arange(max_len)[None, :] < lengths[:, None],
                 key_pos=torch.arange(max_len, dtype=torch.float32),
                 query_pos=lengths - 1,
@@ -110,24 +118,21 @@ class SdpaBackend(AttentionBackend):
         cache.write(layer.layer_index, batch.slot_mapping, k, v)
         keys, values = cache.keys[layer.layer_index], cache.values[layer.layer_index]
         plan: _Plan = batch.state
-        out = torch.empty(q.shape[0], layer.num_heads, layer.head_dim, dtype=torch.float32)
         gqa = layer.num_kv_heads != layer.num_heads
+        if plan.decode_only:  # the common case: one token per sequence, in order
+            assert plan.decodes is not None
+            return self._decodes(layer, q, keys, values, plan.decodes, gqa).to(q.dtype).flatten(1)
+        out = torch.empty(q.shape[0], layer.num_heads, layer.head_dim, dtype=torch.float32)
         if plan.decodes is not None:
-            d = plan.decodes
-            query = q[d.rows].float().unsqueeze(2)  # [S, H, 1, D]
-            key = keys[d.slots].transpose(1, 2)  # [S, Hkv, L, D]
-            value = values[d.slots].transpose(1, 2)
-            decode_mask = self._decode_mask(layer, d)
-            attended = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=decode_mask, scale=layer.scale, enable_gqa=gqa
+            out[plan.decodes.rows] = self._decodes(
+                layer, q[plan.decodes.rows], keys, values, plan.decodes, gqa
             )
-            out[d.rows] = attended.squeeze(2)
         for p in plan.prefills:
             query = q[p.start : p.end].float().transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             if p.slots is None:
                 key, value = k[p.start : p.end].float(), v[p.start : p.end].float()
             else:
-                key, value = keys[p.slots], values[p.slots]
+                key, value = keys.index_select(0, p.slots), values.index_select(0, p.slots)
             key = key.transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
             value = value.transpose(0, 1).unsqueeze(0)
             mask = self._prefill_mask(layer, p, key.shape[2])
@@ -143,8 +148,33 @@ class SdpaBackend(AttentionBackend):
             out[p.start : p.end] = attended.squeeze(0).transpose(0, 1)
         return out.to(q.dtype).flatten(1)
 
+    def _decodes(
+        self,
+        layer: Attention,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        d: _Decodes,
+        gqa: bool,
+    ) -> torch.Tensor:
+        """Attention of one query per sequence ``q`` ``[S, H, D]`` -> ``[S, H, D]`` (fp32)."""
+        shape = (*d.slots.shape, layer.num_kv_heads, layer.head_dim)
+        key = keys.index_select(0, d.flat_slots).view(shape).transpose(1, 2)  # [S, Hkv, L, D]
+        value = values.index_select(0, d.flat_slots).view(shape).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(
+            q.float().unsqueeze(2),
+            key,
+            value,
+            attn_mask=self._decode_mask(layer, d),
+            scale=layer.scale,
+            enable_gqa=gqa,
+        )
+        return attended.squeeze(2)
+
     @staticmethod
-    def _decode_mask(layer: Attention, d: _Decodes) -> torch.Tensor:
+    def _decode_mask(layer: Attention, d: _Decodes) -> torch.Tensor | None:
+        if d.all_valid and layer.sliding_window is None and layer.alibi_slopes is None:
+            return None  # every sequence as long as the longest: nothing to mask
         allowed = d.valid
         if layer.sliding_window is not None:
             allowed = allowed & (

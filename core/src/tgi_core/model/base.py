@@ -38,16 +38,33 @@ class ModelContext:
     tp: ParallelContext = field(default_factory=current_parallel_context)
 
 
-def default_dtype(device: torch.device | str = "cpu") -> torch.dtype:
-    """The fastest supported dtype: bfloat16 where the hardware computes it natively.
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX-512 BF16 or AMX)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as file:
+                cpuinfo = file.read()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
-    On CPUs with AVX-512 BF16 (or AMX) bf16 matmuls measured about 2x float32
-    (docs/benchmarks.md); without native support bf16 is emulated and slower, so float32.
+
+def default_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """The fastest dtype for the device, chosen by measurement (docs/benchmarks.md).
+
+    CPUs with native bf16 (AVX-512 BF16, AMX) run bf16 matmuls about 2x faster than
+    float32, so bfloat16; without it bf16 is emulated, measured 5x slower than float32
+    on an AVX-512 Xeon, so float32. CUDA: bfloat16 where supported, else float16.
     """
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 @contextmanager

@@ -33,10 +33,8 @@ class RMSNorm(nn.Module):
         self.weight = replicated_parameter(hidden_size, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one fused op
+        return self.weight * normed.to(x.dtype)
 
     def add_forward(
         self, x: torch.Tensor, residual: torch.Tensor

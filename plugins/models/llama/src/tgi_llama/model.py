@@ -74,8 +74,18 @@ class LlamaAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))  # [T, H, D], [T, Hkv, D] x2
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        proj = self.qkv_proj
+        qkv = proj(x)
+        # rotate q and k together: [T, H + Hkv, D], then split
+        qk = apply_rotary(
+            qkv[:, : proj.q_size + proj.kv_size].view(
+                -1, proj.num_heads + proj.num_kv_heads, proj.head_dim
+            ),
+            cos,
+            sin,
+        )
+        q, k = qk.split([proj.num_heads, proj.num_kv_heads], dim=1)
+        v = qkv[:, proj.q_size + proj.kv_size :].view(-1, proj.num_kv_heads, proj.head_dim)
         return self.o_proj(self.attn(q, k, v, batch))
 
 
