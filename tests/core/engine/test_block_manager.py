@@ -61,7 +61,7 @@ def test_prefix_blocks_are_reused_and_counted() -> None:
     blocks.allocate(first, 10)
     first.num_computed = 10
     blocks.commit(first)  # two full blocks registered
-    second = seq(list(range(8)) + [99, 98, 97])
+    second = seq([*range(8), 99, 98, 97])
     assert blocks.match_prefix(second) == 8
     assert second.block_table == first.block_table[:2]
     assert blocks.prefix_hit_tokens == 8
