@@ -137,3 +137,74 @@ def compare_with_transformers(
         worst = max(worst, (expected - got).abs().max().item())
         reference_tokens.append([int(t) for t in expected[len(prompt) - 1 :].argmax(-1)])
     return Comparison(worst, [t[: decode_steps + 1] for t in tokens], reference_tokens)
+
+
+def train_tokenizer(path: str | Path, vocab_size: int = 320) -> Any:
+    """Train a byte-level BPE tokenizer on Python's standard library sources; save it.
+
+    Writes ``tokenizer.json`` and ``tokenizer_config.json`` into ``path`` (a checkpoint
+    folder) and returns the transformers tokenizer. Special tokens: ``<s>`` (0),
+    ``</s>`` (1), ``<pad>`` (2).
+    """
+    import os
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus_dir = Path(os.__file__).parent
+    texts = [
+        file.read_text(encoding="utf-8", errors="ignore")
+        for file in sorted(corpus_dir.glob("[a-m]*.py"))[:40]
+    ]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def build_engine(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    backend: str = "sdpa",
+    tokenizer: Any = None,
+    **config: Any,
+) -> Any:
+    """An :class:`~tgi_core.engine.engine.Engine` over a checkpoint (tests, benchmarks).
+
+    ``config`` holds ``EngineConfig`` fields; ``eos_token_ids`` defaults to the
+    checkpoint's generation config.
+    """
+    from tgi_core.engine.engine import Engine, EngineConfig
+    from tgi_core.engine.model_runner import ModelRunner
+    from tgi_core.model.base import ModelContext
+    from tgi_core.model.loader import load_model
+    from tgi_core.plugins import make_plugin_manager
+    from tgi_core.registry import Registry
+
+    registry = Registry.build(make_plugin_manager())
+    loaded = load_model(str(path), registry, ctx=ModelContext(dtype=dtype))
+    if "eos_token_ids" not in config:
+        eos = (loaded.checkpoint.generation_config or {}).get("eos_token_id")
+        config["eos_token_ids"] = tuple(
+            eos if isinstance(eos, list) else ([] if eos is None else [eos])
+        )
+    engine_config = EngineConfig(**config)
+    runner = ModelRunner(
+        loaded.model,
+        registry.attention_backends[backend].load()(),
+        num_blocks=engine_config.num_blocks,
+        block_size=engine_config.block_size,
+        model_dtype=dtype,
+    )
+    return Engine(runner, engine_config, tokenizer)

@@ -1,0 +1,244 @@
+"""The engine: admits requests, runs steps, streams token events.
+
+``Engine`` is synchronous and single-threaded: ``add_request``, ``abort``, ``step``.
+Each step schedules (continuous batching over the paged cache), runs one forward, samples
+a token for every sequence whose pending tokens it completed, detokenizes, checks the
+stopping criteria (TGI's order: max_new_tokens, then EOS, then stop sequences) and
+returns the step's :class:`TokenEvent`s. A failing step fails its own requests with an
+error event; the engine goes on with the others.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tgi_core.engine.block_manager import BlockManager
+from tgi_core.engine.detokenizer import IncrementalDetokenizer
+from tgi_core.engine.model_runner import ModelRunner
+from tgi_core.engine.requests import FinishReason, GenerateRequest, TokenEvent, TopToken
+from tgi_core.engine.sampler import is_sampling, sample
+from tgi_core.engine.scheduler import Scheduler
+from tgi_core.engine.sequence import Sequence
+from tgi_core.errors import TGIError
+from tgi_core.logging import get_logger
+
+log = get_logger("tgi_core.engine")
+
+
+class RequestError(TGIError):
+    """A request the engine cannot take (the server answers 422)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    num_blocks: int
+    block_size: int = 16
+    max_batch_tokens: int = 4096
+    max_batch_size: int | None = None
+    chunked_prefill: bool = True
+    prefix_caching: bool = True
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class EngineStats:
+    queue_size: int
+    batch_size: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    prefix_hit_tokens: int
+    preemptions: int
+
+
+class Engine:
+    """Continuous batching of generation requests over one model."""
+
+    def __init__(self, runner: ModelRunner, config: EngineConfig, tokenizer: Any = None) -> None:
+        self.runner, self.config, self.tokenizer = runner, config, tokenizer
+        self.blocks = BlockManager(
+            config.num_blocks, config.block_size, prefix_caching=config.prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.blocks,
+            max_batch_tokens=config.max_batch_tokens,
+            max_batch_size=config.max_batch_size,
+            chunked_prefill=config.chunked_prefill,
+        )
+        self.sequences: dict[str, Sequence] = {}
+        self._arrivals = 0
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.config.num_blocks * self.config.block_size
+
+    def add_request(self, request: GenerateRequest) -> None:
+        """Queue ``request``; raises RequestError for one that can never be served."""
+        if not request.prompt_token_ids:
+            raise RequestError("the prompt is empty")
+        if request.request_id in self.sequences:
+            raise RequestError(f"request id {request.request_id!r} is already in flight")
+        total = len(request.prompt_token_ids) + request.stopping.max_new_tokens
+        if total > self.capacity_tokens:
+            raise RequestError(
+                f"prompt and max_new_tokens ({total} tokens) exceed the KV "
+                f"cache ({self.capacity_tokens} tokens)"
+            )
+        seq = Sequence(request, arrival=self._arrivals)
+        self._arrivals += 1
+        sampling = request.sampling
+        if is_sampling(sampling):
+            seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
+            seq.extra["seed"] = seed
+            seq.extra["generator"] = torch.Generator().manual_seed(seed)
+        if self.tokenizer is not None:
+            seq.extra["detokenizer"] = IncrementalDetokenizer(
+                self.tokenizer, request.prompt_token_ids, request.stopping.stop
+            )
+        self.sequences[request.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request; its blocks are free when this returns."""
+        seq = self.sequences.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq)
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            queue_size=len(self.scheduler.waiting),
+            batch_size=len(self.scheduler.running),
+            kv_blocks_total=self.blocks.num_blocks,
+            kv_blocks_used=self.blocks.num_used,
+            kv_blocks_cached=self.blocks.num_cached,
+            prefix_hit_tokens=self.blocks.prefix_hit_tokens,
+            preemptions=self.scheduler.num_preemptions,
+        )
+
+    def step(self) -> list[TokenEvent]:
+        """Run one step; returns the token events it produced."""
+        plan = self.scheduler.schedule()
+        events = [
+            self._fail(seq, "the request does not fit in the KV cache") for seq in plan.refused
+        ]
+        if not plan.chunks:
+            return events
+        self.runner.copy_blocks(self.blocks.take_copies())
+        wants = [c.num_cached + c.num_new == len(c.seq.token_ids) for c in plan.chunks]
+        try:
+            logits = self.runner.execute(plan.chunks, wants)
+        except Exception as exc:  # a failed step fails its requests, not the engine
+            log.exception("step failed", requests=[c.seq.request_id for c in plan.chunks])
+            return events + [self._fail(c.seq, f"generation failed: {exc}") for c in plan.chunks]
+        for chunk in plan.chunks:
+            self.scheduler.complete(chunk)
+        ready = [c.seq for c, wanted in zip(plan.chunks, wants, strict=True) if wanted]
+        if ready:
+            events += self._sample(ready, logits)
+        return events
+
+    def _sample(self, ready: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
+        out = sample(
+            logits,
+            [s.request.sampling for s in ready],
+            [s.token_ids for s in ready],
+            [s.extra.get("generator") for s in ready],
+        )
+        events = []
+        for i, seq in enumerate(ready):
+            token = out.token_ids[i]
+            seq.token_ids.append(token)
+            events.append(
+                self._emit(
+                    seq,
+                    token,
+                    out.logprobs[i],
+                    zip(out.top_ids[i], out.top_logprobs[i], strict=True),
+                )
+            )
+        return events
+
+    def _emit(
+        self, seq: Sequence, token: int, logprob: float, top: Iterable[tuple[int, float]]
+    ) -> TokenEvent:
+        stopping = seq.request.stopping
+        detok: IncrementalDetokenizer | None = seq.extra.get("detokenizer")
+        text = detok.add(token) if detok is not None else ""
+        eos = set(stopping.stop_token_ids)
+        if not stopping.ignore_eos:
+            eos |= set(self.config.eos_token_ids)
+        finish: FinishReason | None = None
+        if seq.num_generated >= stopping.max_new_tokens:
+            finish = "length"
+        elif token in eos:
+            finish = "eos_token"
+        elif detok is not None and detok.stopped_by is not None:
+            finish = "stop_sequence"
+        if finish is not None:
+            if detok is not None and finish != "stop_sequence":
+                text += detok.flush()
+            self.sequences.pop(seq.request_id, None)
+            self.scheduler.finish(seq)
+        special = self._is_special(token)
+        top_tokens = tuple(
+            TopToken(i, self._token_text(i), lp, self._is_special(i)) for i, lp in top
+        )
+        return TokenEvent(
+            request_id=seq.request_id,
+            token_id=token,
+            text=text,
+            logprob=logprob,
+            special=special,
+            top_tokens=top_tokens,
+            finish_reason=finish,
+            generated_tokens=seq.num_generated,
+            prompt_tokens=seq.num_prompt_tokens,
+            seed=seq.extra.get("seed"),
+        )
+
+    def _fail(self, seq: Sequence, message: str) -> TokenEvent:
+        self.sequences.pop(seq.request_id, None)
+        self.scheduler.finish(seq)
+        return TokenEvent(
+            request_id=seq.request_id,
+            token_id=-1,
+            text="",
+            logprob=0.0,
+            generated_tokens=seq.num_generated,
+            prompt_tokens=seq.num_prompt_tokens,
+            error=message,
+        )
+
+    def _is_special(self, token: int) -> bool:
+        special = getattr(self.tokenizer, "all_special_ids", None) or ()
+        return token in special
+
+    def _token_text(self, token: int) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode([token], skip_special_tokens=False)  # type: ignore[no-any-return]
+
+    def run(
+        self, requests: Seq[GenerateRequest], max_steps: int = 100_000
+    ) -> dict[str, list[TokenEvent]]:
+        """Serve ``requests`` to completion (offline use and tests)."""
+        streams: dict[str, list[TokenEvent]] = {r.request_id: [] for r in requests}
+        for request in requests:
+            self.add_request(request)
+        for _ in range(max_steps):
+            if not self.has_work():
+                return streams
+            for event in self.step():
+                streams[event.request_id].append(event)
+        raise RuntimeError("requests did not finish")

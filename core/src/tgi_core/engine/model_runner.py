@@ -1,0 +1,68 @@
+"""Runs one scheduled step through the model over the paged KV cache.
+
+Packs the step's tokens without padding, builds positions, slots and block tables
+(``ForwardBatch``), calls the model with the selected attention backend, and computes
+logits only for the sequences whose pending tokens this step completes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import torch
+from torch import nn
+
+from tgi_core.attention.backend import AttentionBackend
+from tgi_core.attention.batch import ForwardBatch, SequenceChunk
+from tgi_core.attention.kv_cache import KVCache
+from tgi_core.engine.scheduler import ScheduledChunk
+from tgi_core.model.layers.attention import Attention
+
+
+class ModelRunner:
+    """Owns the KV cache; turns scheduled chunks into logits."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        backend: AttentionBackend,
+        *,
+        num_blocks: int,
+        block_size: int,
+        model_dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.model, self.backend, self.device = model, backend, torch.device(device)
+        layers = [module for module in model.modules() if isinstance(module, Attention)]
+        self.kv_cache = KVCache.allocate(
+            layers, num_blocks, block_size, backend.kv_cache_dtype(model_dtype), self.device
+        )
+        self.block_size = block_size
+
+    def copy_blocks(self, copies: Seq[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate whole blocks (source, destination) in every layer."""
+        for source, target in copies:
+            src = torch.arange(source * self.block_size, (source + 1) * self.block_size)
+            dst = torch.arange(target * self.block_size, (target + 1) * self.block_size)
+            for tensors in (self.kv_cache.keys, self.kv_cache.values):
+                for layer in tensors:
+                    layer.index_copy_(0, dst, layer.index_select(0, src))
+
+    @torch.inference_mode()
+    def execute(self, chunks: Seq[ScheduledChunk], wants_logits: Seq[bool]) -> torch.Tensor:
+        """Run the step; returns float32 logits ``[sum(wants_logits), vocab]``, in order."""
+        batch = ForwardBatch.build(
+            [SequenceChunk(c.num_cached, c.num_new, c.seq.block_table) for c in chunks],
+            self.kv_cache,
+            self.backend,
+            self.device,
+        )
+        ids = [t for c in chunks for t in c.seq.token_ids[c.num_cached : c.num_cached + c.num_new]]
+        hidden = self.model(
+            torch.tensor(ids, dtype=torch.int64, device=self.device), batch.positions, batch
+        )
+        rows = [batch.query_start[i + 1] - 1 for i, wanted in enumerate(wants_logits) if wanted]
+        if not rows:
+            return torch.empty(0)
+        logits: torch.Tensor = self.model.compute_logits(hidden[rows])  # type: ignore[operator]
+        return logits.float()

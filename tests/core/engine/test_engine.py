@@ -1,0 +1,207 @@
+"""The engine over a tiny Llama: continuous batching gives transformers.generate's tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from tgi_core.engine.requests import GenerateRequest, SamplingParams, StoppingParams
+from tgi_core.model.fixtures import build_engine, save_checkpoint, train_tokenizer
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("engine") / "llama"
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    save_checkpoint(path, config)
+    train_tokenizer(path, VOCAB)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(checkpoint: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(checkpoint))
+
+
+def prompts(count: int = 16, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 40, (count,), generator=generator).tolist()
+    return [torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in lengths]
+
+
+def greedy(ids: list[int], name: str, max_new: int = 12, **stopping) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=name,
+        prompt_token_ids=tuple(ids),
+        stopping=StoppingParams(max_new_tokens=max_new, **stopping),
+    )
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoint: Path) -> dict[str, list[int]]:
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).eval()
+    result = {}
+    for n, ids in enumerate(prompts()):
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=1, pad_token_id=2
+        )
+        result[f"r{n}"] = out[0, len(ids) :].tolist()
+    return result
+
+
+def tokens(streams) -> dict[str, list[int]]:
+    for events in streams.values():
+        assert events and events[-1].finish_reason is not None, events[-1:]
+    return {name: [e.token_id for e in events] for name, events in streams.items()}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(num_blocks=256),  # everything fits
+        dict(num_blocks=14, block_size=4),  # so little KV that sequences are preempted
+        dict(num_blocks=256, max_batch_tokens=7),  # every prompt split in chunks
+        dict(num_blocks=256, chunked_prefill=False, max_batch_tokens=40),
+        dict(num_blocks=256, max_batch_size=3),
+    ],
+    ids=["roomy", "preempting", "chunked", "unchunked", "batch-of-3"],
+)
+def test_sixteen_concurrent_greedy_requests_match_generate(checkpoint, expected, config):
+    engine = build_engine(checkpoint, **config)
+    requests = [greedy(ids, f"r{n}") for n, ids in enumerate(prompts())]
+    assert tokens(engine.run(requests)) == expected
+    stats = engine.stats()
+    assert stats.kv_blocks_used == 0 and stats.queue_size == 0 and stats.batch_size == 0
+    if config.get("num_blocks") == 14:
+        assert stats.preemptions > 0
+
+
+def test_finish_reasons(checkpoint, expected) -> None:
+    engine = build_engine(checkpoint, num_blocks=256)
+    streams = engine.run([greedy(ids, f"r{n}") for n, ids in enumerate(prompts())])
+    for name, events in streams.items():
+        reason = "eos_token" if expected[name][-1] == 1 and len(expected[name]) < 12 else "length"
+        assert events[-1].finish_reason == reason
+        assert [e.finish_reason for e in events[:-1]] == [None] * (len(events) - 1)
+        assert events[-1].generated_tokens == len(events)
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_crowd(checkpoint) -> None:
+    sampling = SamplingParams(do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=42)
+    probe = GenerateRequest(
+        request_id="probe",
+        prompt_token_ids=(5, 6, 7, 8),
+        sampling=sampling,
+        stopping=StoppingParams(max_new_tokens=10, ignore_eos=True),
+    )
+    alone = tokens(build_engine(checkpoint, num_blocks=256).run([probe]))["probe"]
+    crowd = [
+        GenerateRequest(
+            request_id=f"c{n}",
+            prompt_token_ids=tuple(ids),
+            sampling=SamplingParams(do_sample=True, seed=n),
+            stopping=StoppingParams(max_new_tokens=10),
+        )
+        for n, ids in enumerate(prompts(8, seed=3))
+    ]
+    crowded = build_engine(checkpoint, num_blocks=256, max_batch_tokens=16).run(
+        [*crowd[:4], probe, *crowd[4:]]
+    )
+    assert tokens(crowded)["probe"] == alone
+    assert crowded["probe"][-1].seed == 42
+    other_seed = GenerateRequest(
+        request_id="probe",
+        prompt_token_ids=(5, 6, 7, 8),
+        sampling=SamplingParams(do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=43),
+        stopping=StoppingParams(max_new_tokens=10, ignore_eos=True),
+    )
+    assert tokens(build_engine(checkpoint, num_blocks=256).run([other_seed]))["probe"] != alone
+
+
+def test_shared_prefix_is_served_from_cache(checkpoint, expected) -> None:
+    engine = build_engine(checkpoint, num_blocks=256, block_size=4)
+    system = prompts(1, seed=9)[0] * 2  # a long shared prefix
+    first = engine.run([greedy([*system, 11], "a")])
+    hits_before = engine.stats().prefix_hit_tokens
+    second = engine.run([greedy([*system, 12], "b"), greedy([*system, 11], "a2")])
+    assert engine.stats().prefix_hit_tokens - hits_before >= 2 * (len(system) // 4) * 4
+    assert tokens(second)["a2"] == tokens(first)["a"]
+    fresh = build_engine(checkpoint, num_blocks=256, block_size=4, prefix_caching=False)
+    assert tokens(fresh.run([greedy([*system, 12], "b")]))["b"] == tokens(second)["b"]
+
+
+def test_stop_sequence_split_across_tokens(checkpoint, tokenizer) -> None:
+    base = build_engine(checkpoint, num_blocks=256, tokenizer=tokenizer)
+    prompt = tokenizer.encode("def main(self):\n    return")
+    free_run = base.run([greedy(prompt, "free", max_new=24, ignore_eos=True)])["free"]
+    text = "".join(e.text for e in free_run)
+    pieces = [tokenizer.decode([e.token_id]) for e in free_run]
+    # a stop string spanning the boundary between two generated tokens
+    boundary = next(i for i in range(1, len(pieces)) if pieces[i - 1].strip() and pieces[i].strip())
+    start = sum(len(p) for p in pieces[:boundary])
+    stop = text[start - 1 : start + 1]
+    engine = build_engine(checkpoint, num_blocks=256, tokenizer=tokenizer)
+    events = engine.run([greedy(prompt, "s", max_new=24, ignore_eos=True, stop=(stop,))])["s"]
+    assert events[-1].finish_reason == "stop_sequence"
+    streamed = "".join(e.text for e in events)
+    assert streamed == text[: text.find(stop)]
+    assert stop not in streamed
+
+
+def test_cancelled_requests_return_every_block(checkpoint) -> None:
+    engine = build_engine(checkpoint, num_blocks=64, block_size=4)
+    for n, ids in enumerate(prompts(6)):
+        engine.add_request(greedy(ids, f"r{n}", max_new=50))
+    for _ in range(3):
+        engine.step()
+    assert engine.stats().kv_blocks_used > 0
+    for n in range(6):
+        engine.abort(f"r{n}")
+    assert engine.stats().kv_blocks_used == 0 and not engine.has_work()
+
+
+def test_requests_that_cannot_be_served(checkpoint) -> None:
+    from tgi_core.engine.engine import RequestError
+
+    engine = build_engine(checkpoint, num_blocks=4, block_size=4)
+    with pytest.raises(RequestError, match="exceed the KV cache"):
+        engine.add_request(greedy(list(range(3, 20)), "big"))
+    with pytest.raises(RequestError, match="prompt is empty"):
+        engine.add_request(greedy([], "empty"))
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(checkpoint) -> None:
+    engine = build_engine(checkpoint, num_blocks=64)
+    original = engine.runner.execute
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return original(*args, **kwargs)
+
+    engine.runner.execute = flaky
+    engine.add_request(greedy([5, 6, 7], "bad"))
+    events = engine.step()
+    assert events[0].error == "generation failed: boom"
+    assert engine.stats().kv_blocks_used == 0
+    good = engine.run([greedy([5, 6, 7], "good", max_new=3)])
+    assert len(good["good"]) == 3
