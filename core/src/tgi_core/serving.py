@@ -27,15 +27,18 @@ def serve(resolved: ResolvedConfig) -> None:
     if config.model_id is None:
         raise ConfigError("no model to serve: pass --model-id DIR or set MODEL_ID")
 
-    from tgi_core.attention.selection import select_backend
+    from tgi_core.attention.selection import required_features, select_backend
     from tgi_core.model.base import DTYPES, ModelContext, default_dtype
     from tgi_core.model.checkpoint import Checkpoint
     from tgi_core.model.loader import load_model, select_model_spec
 
     spec = select_model_spec(Checkpoint.open(config.model_id), registry)
-    backend = select_backend(spec, registry, config.attention)
+    select_backend(spec, registry, config.attention)  # fail fast, before loading
     dtype = DTYPES[config.dtype] if config.dtype else default_dtype()
     loaded = load_model(config.model_id, registry, ctx=ModelContext(dtype=dtype), progress=True)
+    backend = select_backend(
+        spec, registry, config.attention, needs=required_features(loaded.model)
+    )
     log.info(
         "model loaded",
         model=spec.name,

@@ -31,6 +31,7 @@ ATTENTION_FEATURES = frozenset(
         "alibi",  # ALiBi linear position biases (BLOOM)
         "relative_bias",  # T5 bucketed relative position bias
         "cross_attention",  # decoder attention over encoder outputs (T5)
+        "gqa",  # fewer key/value heads than query heads (grouped-query, multi-query)
     }
 )
 
@@ -126,8 +127,8 @@ class ModelSpec(_Spec):
 class AttentionBackendSpec(_Spec):
     """An attention implementation: KV-cache layout, cache writes and attention kernels.
 
-    ``factory`` is called as ``factory(ctx)`` and returns the backend object (the
-    protocol is in ``tgi_core.attention``).
+    ``factory()`` returns the backend object, a ``tgi_core.attention.backend.
+    AttentionBackend``; ``features`` must equal the object's own.
     """
 
     name: str

@@ -274,3 +274,75 @@ def test_backend_that_lacks_a_feature_is_refused(tgi_registry_with) -> None:
         select_backend(spec, registry)
     assert select_backend(registry.models["llama"], registry).name == "sdpa"
     assert select_backend(registry.models["llama"], registry, "reference").name == "reference"
+
+
+def test_tied_config_with_a_different_stored_head_is_untied(tmp_path: Path) -> None:
+    """transformers gives the head its own weights when the file stores different ones."""
+    tied = save_checkpoint(tmp_path / "tied", LlamaConfig(**CONFIG, tie_word_embeddings=True))
+    tensors = load_file(tied / "model.safetensors")
+    tensors["lm_head.weight"] = torch.randn_like(tensors["model.embed_tokens.weight"])
+    save_file(tensors, tied / "model.safetensors")
+    assert compare_with_transformers(tied, PROMPTS, decode_steps=4).max_abs_diff <= 1e-4
+
+
+def test_unserved_architecture_does_not_fall_back_to_model_type(copy: Path, tgi_registry):
+    config = json.loads((copy / "config.json").read_text())
+    config["architectures"] = ["LlamaForSequenceClassification"]  # model_type stays llama
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        CheckpointError, match="no installed plugin serves LlamaForSequenceClassification"
+    ):
+        load(copy, tgi_registry)
+
+
+def test_a_config_the_model_cannot_build_is_a_checkpoint_error(copy: Path, tgi_registry):
+    config = json.loads((copy / "config.json").read_text())
+    config["hidden_act"] = "gelu_fast"
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        CheckpointError,
+        match=r"model 'llama' cannot be built for .*"
+        r"unsupported activation 'gelu_fast'",
+    ):
+        load(copy, tgi_registry)
+
+
+def test_an_invalid_config_is_a_checkpoint_error(copy: Path, tgi_registry):
+    config = json.loads((copy / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"is not a valid llama config"):
+        load(copy, tgi_registry)
+
+
+def test_a_built_model_needs_what_its_layers_use(tgi_registry_with, tmp_path: Path) -> None:
+    import tgi_core
+    from tgi_core.attention.selection import required_features
+    from tgi_core.specs import AttentionBackendSpec
+
+    class NoWindows:
+        @tgi_core.hookimpl
+        def register_attention_backends(self, register):
+            register(
+                AttentionBackendSpec(
+                    name="nowindow",
+                    factory="os:getcwd",
+                    priority=99,
+                    features=frozenset({"causal", "paged_kv", "gqa"}),
+                )
+            )
+
+    from transformers import MistralConfig
+
+    mistral = save_checkpoint(tmp_path / "mistral", MistralConfig(**CONFIG, sliding_window=4))
+    registry = tgi_registry_with(NoWindows())
+    loaded = load(mistral, registry)
+    needs = required_features(loaded.model)
+    assert needs == {"causal", "paged_kv", "gqa", "sliding_window"}
+    with pytest.raises(
+        ConfigError,
+        match=r"'nowindow' .* cannot serve model 'llama' "
+        r"\(tgi-llama\): it lacks sliding_window",
+    ):
+        select_backend(loaded.spec, registry, "nowindow", needs=needs)
+    assert select_backend(loaded.spec, registry, needs=needs).name == "sdpa"

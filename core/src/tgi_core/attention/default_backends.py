@@ -7,7 +7,7 @@ from collections.abc import Callable
 from tgi_core.hookspecs import hookimpl
 from tgi_core.specs import AttentionBackendSpec
 
-_FEATURES = frozenset({"causal", "paged_kv", "prefix_caching", "sliding_window", "alibi"})
+_FEATURES = frozenset({"causal", "paged_kv", "prefix_caching", "sliding_window", "alibi", "gqa"})
 
 
 @hookimpl
@@ -17,7 +17,7 @@ def register_attention_backends(register: Callable[[AttentionBackendSpec], None]
             name="sdpa",
             factory="tgi_core.attention.sdpa:SdpaBackend",
             features=_FEATURES,
-            devices=("cpu", "cuda"),
+            devices=("cpu",),
             priority=10,
             description="PyTorch scaled_dot_product_attention over the paged cache (default)",
         )
@@ -27,7 +27,7 @@ def register_attention_backends(register: Callable[[AttentionBackendSpec], None]
             name="reference",
             factory="tgi_core.attention.reference:ReferenceBackend",
             features=_FEATURES,
-            devices=("cpu", "cuda"),
+            devices=("cpu",),
             priority=0,
             description="plain per-sequence attention in float32, for checking other backends",
         )

@@ -21,7 +21,7 @@ class ReferenceBackend(AttentionBackend):
 
     name: ClassVar[str] = "reference"
     features: ClassVar[frozenset[str]] = frozenset(
-        {"causal", "paged_kv", "prefix_caching", "sliding_window", "alibi"}
+        {"causal", "paged_kv", "prefix_caching", "sliding_window", "alibi", "gqa"}
     )
 
     def kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:

@@ -60,7 +60,7 @@ class SdpaBackend(AttentionBackend):
 
     name: ClassVar[str] = "sdpa"
     features: ClassVar[frozenset[str]] = frozenset(
-        {"causal", "paged_kv", "prefix_caching", "sliding_window", "alibi"}
+        {"causal", "paged_kv", "prefix_caching", "sliding_window", "alibi", "gqa"}
     )
 
     def kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:

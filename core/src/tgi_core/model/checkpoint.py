@@ -29,6 +29,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read: {exc.strerror}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object")
     return data
@@ -75,11 +77,17 @@ class Checkpoint:
     def hf_config(self) -> Any:
         """The transformers config object (rope settings in both spellings normalized)."""
         from transformers import AutoConfig, PretrainedConfig
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+        if self.model_type not in CONFIG_MAPPING:  # a model type transformers does not know
+            return PretrainedConfig.from_dict(self.config)
         try:
             return AutoConfig.from_pretrained(str(self.path), local_files_only=True)
-        except (ValueError, KeyError):  # a model_type transformers does not know
-            return PretrainedConfig.from_dict(self.config)
+        except Exception as exc:  # transformers validates the config's values
+            detail = " ".join(str(exc).split())[:400]
+            raise CheckpointError(
+                f"{self.path}/config.json is not a valid {self.model_type} config: {detail}"
+            ) from None
 
 
 def _weight_files(folder: Path) -> tuple[Path, ...]:
@@ -99,7 +107,7 @@ def _weight_files(folder: Path) -> tuple[Path, ...]:
     single = folder / SINGLE_FILE
     if single.is_file():
         return (single,)
-    others = sorted(folder.glob("*.safetensors"))
+    others = sorted(folder.glob("model*.safetensors"))
     if others:
         return tuple(others)
     pickles = sorted({p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern)})

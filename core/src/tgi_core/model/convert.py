@@ -19,7 +19,10 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 def _pickle_files(folder: Path) -> list[Path]:
     index = folder / PICKLE_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise CheckpointError(f"{index} is not a valid index: {exc}") from None
         return sorted({folder / name for name in weight_map.values()})
     files = sorted(folder.glob("pytorch_model*.bin")) or sorted(
         p for pattern in ("*.bin", "*.pt", "*.pth") for p in folder.glob(pattern)
@@ -41,7 +44,12 @@ def convert_checkpoint(folder: str | Path) -> list[Path]:
     written, weight_map = [], {}
     for number, source in enumerate(sources, start=1):
         try:
-            state = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                state = torch.load(source, map_location="cpu", weights_only=True)  # old format
         except Exception as exc:
             raise CheckpointError(
                 f"{source} cannot be read safely (weights_only=True refuses arbitrary "

@@ -63,7 +63,7 @@ def reference_logits(
     """
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache()  # the model alone decides the attention window, not the cache
     out = model(input_ids=torch.tensor([list(prompt)]), cache=cache, use_cache=True)
     rows = [out.logits[0].float()]
     for token in continuation:
@@ -107,7 +107,11 @@ def compare_with_transformers(
 
     registry = Registry.build(make_plugin_manager())
     loaded = load_model(str(path), registry, ctx=ModelContext(dtype=dtype))
-    backend_impl = registry.attention_backends[backend].load()()
+    from tgi_core.attention.selection import required_features, select_backend
+
+    backend_impl = select_backend(
+        loaded.spec, registry, backend, needs=required_features(loaded.model)
+    ).load()()
     longest = max(len(p) for p in prompts) + decode_steps
     num_blocks = len(prompts) * (-(-longest // block_size) + 1)
     runner = PagedRunner(

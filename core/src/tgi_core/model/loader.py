@@ -19,7 +19,8 @@ from torch import nn
 
 from tgi_core.model.base import ModelContext, default_torch_dtype
 from tgi_core.model.checkpoint import Checkpoint, CheckpointError
-from tgi_core.model.weights import LazyTensor, SafetensorsWeights
+from tgi_core.model.layers.norm import load_whole
+from tgi_core.model.weights import SafetensorsWeights
 from tgi_core.registry import Registry
 from tgi_core.specs import ModelSpec
 
@@ -45,7 +46,7 @@ def select_model_spec(checkpoint: Checkpoint, registry: Registry) -> ModelSpec:
         spec = registry.models.for_architecture(architecture)
         if spec is not None:
             return spec
-    if checkpoint.model_type:
+    if not checkpoint.architectures and checkpoint.model_type:
         spec = registry.models.for_model_type(checkpoint.model_type)
         if spec is not None:
             return spec
@@ -97,8 +98,27 @@ def _expected_loads(model: nn.Module, params: dict[str, nn.Parameter]) -> set[tu
     return expected
 
 
+def _untie_differing_aliases(model: nn.Module, weights: SafetensorsWeights) -> None:
+    """A checkpoint may store a tied head (``lm_head.weight``) that differs from the
+    embedding; like transformers, give the head its own parameter then."""
+    for alias, first in _canonical_names(model).items():
+        if alias not in weights or first not in weights:
+            continue
+        if torch.equal(weights.get(alias).load(), weights.get(first).load()):
+            continue
+        module_name, _, param_name = alias.rpartition(".")
+        module = model.get_submodule(module_name)
+        shared = getattr(module, param_name)
+        own = nn.Parameter(torch.empty_like(shared), requires_grad=False)
+        loader = getattr(shared, "weight_loader", None)
+        if loader is not None:
+            own.weight_loader = loader  # type: ignore[attr-defined]
+        setattr(module, param_name, own)
+
+
 def load_weights(model: nn.Module, weights: SafetensorsWeights, *, progress: bool = False) -> None:
     """Fill every parameter of ``model`` from ``weights``; raise CheckpointError on mismatch."""
+    _untie_differing_aliases(model, weights)
     canonical = _canonical_names(model)
     params = dict(model.named_parameters())
     loaded: set[tuple[str, Any]] = set()
@@ -116,10 +136,10 @@ def load_weights(model: nn.Module, weights: SafetensorsWeights, *, progress: boo
             continue
         if (param_name, shard_id) in loaded:  # a tied tensor saved twice
             continue
-        loader = getattr(param, "weight_loader", _load_whole)
+        loader = getattr(param, "weight_loader", load_whole)
         try:
             loader(param, weights.get(name), shard_id)
-        except ValueError as exc:
+        except Exception as exc:  # shape mismatches, unreadable data
             detail = str(exc).removeprefix(f"{name}: ")
             raise CheckpointError(f"cannot load tensor {name}: {detail}") from None
         loaded.add((param_name, shard_id))
@@ -146,10 +166,6 @@ def _canonical_names(model: nn.Module) -> dict[str, str]:
         if first != name:
             aliases[name] = first
     return aliases
-
-
-def _load_whole(param: nn.Parameter, loaded: LazyTensor, shard_id: Any = None) -> None:
-    loaded.copy_into(param.data)
 
 
 def _progress(names: list[str], enabled: bool) -> Iterable[str]:
@@ -182,8 +198,14 @@ def load_model(
         weights = SafetensorsWeights.from_files(list(checkpoint.weight_files))
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"cannot read the weights of {checkpoint.path}: {exc}") from None
-    with default_torch_dtype(ctx.dtype), torch.device(ctx.device):
-        model = spec.load()(hf_config, ctx)
+    try:
+        with default_torch_dtype(ctx.dtype), torch.device(ctx.device):
+            model = spec.load()(hf_config, ctx)
+    except (ValueError, KeyError, TypeError, AttributeError, NotImplementedError) as exc:
+        raise CheckpointError(
+            f"model {spec.name!r} cannot be built for {checkpoint.path}/config.json: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     load_weights(model, weights, progress=progress)
     model.eval()
     return LoadedModel(model, spec, hf_config, checkpoint, ctx.dtype)

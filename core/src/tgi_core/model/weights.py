@@ -102,6 +102,10 @@ class SafetensorsWeights:
         for path in paths:
             with safe_open(str(path), framework="pt") as handle:
                 for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    if name in files:
+                        raise ValueError(
+                            f"tensor {name} is in both {files[name].name} and {path.name}"
+                        )
                     files[name] = path
         return cls(files)
 

@@ -69,6 +69,7 @@ VARIANTS = {
             "original_max_position_embeddings": 32,
         },
     ),
+    "llama-stray-sliding-window-key": lambda: LlamaConfig(**SMALL, sliding_window=4),
     "mistral-sliding-window": lambda: MistralConfig(**SMALL, sliding_window=6),
     "qwen2-bias": lambda: Qwen2Config(**SMALL),
     "qwen2-sliding-layers": lambda: Qwen2Config(

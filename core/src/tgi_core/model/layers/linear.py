@@ -205,9 +205,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         )
 
     def weight_loader(self, param: nn.Parameter, loaded: LazyTensor, shard_id: Any = None) -> None:
-        if shard_id is None:  # already packed in the checkpoint
-            super().weight_loader(param, loaded)
-            return
+        if not isinstance(shard_id, int):
+            raise ValueError(f"{loaded.name}: a packed layer loads its parts by index")
         _check_full(loaded, _full_shape(param, self.output_sizes[shard_id], self.input_size))
         world = self.tp.world_size
         offset = sum(self.output_sizes[:shard_id]) // world

@@ -9,7 +9,8 @@ from torch import nn
 from tgi_core.model.weights import LazyTensor
 
 
-def _load_whole(param: nn.Parameter, loaded: LazyTensor, shard_id: object = None) -> None:
+def load_whole(param: nn.Parameter, loaded: LazyTensor, shard_id: object = None) -> None:
+    """The weight loader of a parameter every rank holds whole."""
     loaded.copy_into(param.data)
 
 
@@ -18,7 +19,7 @@ def replicated_parameter(*shape: int, dtype: torch.dtype | None = None) -> nn.Pa
     param = nn.Parameter(
         torch.ones(*shape, dtype=dtype or torch.get_default_dtype()), requires_grad=False
     )
-    param.weight_loader = _load_whole  # type: ignore[attr-defined]
+    param.weight_loader = load_whole  # type: ignore[attr-defined]
     return param
 
 

@@ -34,15 +34,24 @@ def _head_dim(config: Any) -> int:
 
 
 def _sliding_window(config: Any, layer_index: int) -> int | None:
+    """The attention window of a layer, as transformers applies it per model type.
+
+    Mistral: ``sliding_window`` on every layer. Qwen2: only the layers ``layer_types``
+    marks ``sliding_attention`` (``use_sliding_window`` and ``max_window_layers``).
+    Llama: never (transformers ignores a stray ``sliding_window`` key).
+    """
     window = getattr(config, "sliding_window", None)
     if not window:
         return None
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:  # Qwen2: only some layers slide
-        return int(window) if layer_types[layer_index] == "sliding_attention" else None
-    if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
-        return None
-    return int(window)
+    if config.model_type == "mistral":
+        return int(window)
+    if config.model_type == "qwen2":
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:
+            return int(window) if layer_types[layer_index] == "sliding_attention" else None
+        use = getattr(config, "use_sliding_window", False)
+        return int(window) if use and layer_index >= config.max_window_layers else None
+    return None
 
 
 def _qkv_bias(config: Any) -> bool:
