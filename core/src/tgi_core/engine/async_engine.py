@@ -1,0 +1,127 @@
+"""The engine in its own thread, with an async API for the server.
+
+``async for event in engine.generate(request)`` streams a request's token events. The
+engine thread owns the :class:`~tgi_core.engine.engine.Engine`: requests reach it through
+a thread-safe command queue, and events come back to each caller's asyncio queue with
+``loop.call_soon_threadsafe`` (torch releases the GIL inside its ops, so the event loop
+stays responsive while a step runs). A caller that stops iterating (a client that went
+away) cancels its request; its blocks are free after the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from tgi_core.engine.engine import Engine, EngineStats
+from tgi_core.engine.requests import GenerateRequest, TokenEvent
+from tgi_core.logging import get_logger
+
+log = get_logger("tgi_core.engine")
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[TokenEvent | BaseException]
+
+
+class AsyncEngine:
+    """Runs an :class:`Engine` in a background thread."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="tgi-engine", daemon=True)
+        self._stats = engine.stats()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the thread; requests still in flight get an error event."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def stats(self) -> EngineStats:
+        """The engine's gauges and counters as of its last step."""
+        return self._stats
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """Stream ``request``'s events; raises RequestError if the engine refuses it."""
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._command("add", request, stream)
+        finished = False
+        try:
+            while True:
+                event = await stream.events.get()
+                if isinstance(event, BaseException):
+                    finished = True
+                    raise event
+                finished = event.finish_reason is not None or event.error is not None
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._command("abort", request.request_id)
+
+    def _command(self, *command: Any) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _deliver(self, request_id: str, item: TokenEvent | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        if isinstance(item, BaseException) or item.finish_reason is not None or item.error:
+            del self._streams[request_id]
+        try:
+            stream.loop.call_soon_threadsafe(stream.events.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening
+            self.engine.abort(request_id)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                _, request, stream = command
+                self._streams[request.request_id] = stream
+                try:
+                    self.engine.add_request(request)
+                except Exception as exc:
+                    self._deliver(request.request_id, exc)
+            elif command[0] == "abort":
+                self._streams.pop(command[1], None)
+                self.engine.abort(command[1])
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._drain_commands()
+            self._stats = self.engine.stats()
+            if not self.engine.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                events = self.engine.step()
+            except Exception:  # the engine fails requests itself; this is a last resort
+                log.exception("engine step crashed")
+                continue
+            self._stats = self.engine.stats()
+            for event in events:
+                self._deliver(event.request_id, event)
+        for request_id in list(self._streams):
+            self._deliver(request_id, RuntimeError("the engine is shutting down"))
