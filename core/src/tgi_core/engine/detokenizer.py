@@ -31,8 +31,11 @@ class IncrementalDetokenizer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)  # type: ignore[no-any-return]
 
     def add(self, token_id: int) -> str:
-        """Append ``token_id``; returns the text that can be released now."""
+        """Append ``token_id``; returns the text that can be released now (nothing once a
+        stop sequence has matched)."""
         self.ids.append(token_id)
+        if self.stopped_by is not None:
+            return ""
         before = self._decode(self.ids[self.prefix_offset : self.read_offset])
         after = self._decode(self.ids[self.prefix_offset :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
