@@ -205,3 +205,56 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(checkpoint) ->
     assert engine.stats().kv_blocks_used == 0
     good = engine.run([greedy([5, 6, 7], "good", max_new=3)])
     assert len(good["good"]) == 3
+
+
+def test_prompt_logprobs_match_transformers(checkpoint) -> None:
+    ids = prompts(1, seed=5)[0] + [9, 10, 11]
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).eval()
+    with torch.no_grad():
+        log_probs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    expected = [log_probs[p, ids[p + 1]].item() for p in range(len(ids) - 1)]
+    for budget in (4096, 5):  # whole, and in chunks
+        engine = build_engine(checkpoint, num_blocks=64, block_size=4, max_batch_tokens=budget)
+        request = GenerateRequest(
+            request_id="p",
+            prompt_token_ids=tuple(ids),
+            prompt_logprobs=True,
+            stopping=StoppingParams(max_new_tokens=2),
+        )
+        events = engine.run([request])["p"]
+        prompt = events[0].prompt_logprobs
+        assert [t.id for t in prompt] == ids and prompt[0].logprob is None
+        assert [t.logprob for t in prompt[1:]] == pytest.approx(expected, abs=1e-4)
+        assert events[1].prompt_logprobs is None
+
+
+def test_n_samples_share_the_prompt_and_each_equals_its_own_seed(checkpoint) -> None:
+    ids = tuple(prompts(1, seed=6)[0] * 2)
+    sampling = SamplingParams(do_sample=True, temperature=1.0, seed=100)
+    stopping = StoppingParams(max_new_tokens=8, ignore_eos=True)
+    engine = build_engine(checkpoint, num_blocks=64, block_size=4)
+    engine.add_request(
+        GenerateRequest(
+            request_id="n", prompt_token_ids=ids, n=3, sampling=sampling, stopping=stopping
+        )
+    )
+    events, peak_blocks = [], 0
+    while engine.has_work():
+        events += engine.step()
+        peak_blocks = max(peak_blocks, engine.stats().kv_blocks_used)
+    by_index = {i: [e.token_id for e in events if e.index == i] for i in range(3)}
+    assert all(len(tokens) == 8 for tokens in by_index.values())
+    assert len({tuple(t) for t in by_index.values()}) > 1  # the samples differ
+    assert [e.done for e in events].count(True) == 1 and events[-1].done
+    prompt_blocks = len(ids) // 4
+    assert peak_blocks < 3 * (prompt_blocks + 3)  # the prompt's blocks are shared
+    assert engine.stats().kv_blocks_used == 0
+    for i in range(3):
+        alone = GenerateRequest(
+            request_id="one",
+            prompt_token_ids=ids,
+            stopping=stopping,
+            sampling=SamplingParams(do_sample=True, seed=100 + i),
+        )
+        single = build_engine(checkpoint, num_blocks=64, block_size=4).run([alone])["one"]
+        assert [e.token_id for e in single] == by_index[i]

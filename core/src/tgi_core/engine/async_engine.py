@@ -67,7 +67,7 @@ class AsyncEngine:
                 if isinstance(event, BaseException):
                     finished = True
                     raise event
-                finished = event.finish_reason is not None or event.error is not None
+                finished = event.done
                 yield event
                 if finished:
                     return
@@ -83,7 +83,7 @@ class AsyncEngine:
         stream = self._streams.get(request_id)
         if stream is None:
             return
-        if isinstance(item, BaseException) or item.finish_reason is not None or item.error:
+        if isinstance(item, BaseException) or item.done:
             del self._streams[request_id]
         try:
             stream.loop.call_soon_threadsafe(stream.events.put_nowait, item)

@@ -21,9 +21,15 @@ import torch
 from tgi_core.engine.block_manager import BlockManager
 from tgi_core.engine.detokenizer import IncrementalDetokenizer
 from tgi_core.engine.model_runner import ModelRunner
-from tgi_core.engine.requests import FinishReason, GenerateRequest, TokenEvent, TopToken
+from tgi_core.engine.requests import (
+    FinishReason,
+    GenerateRequest,
+    PromptToken,
+    TokenEvent,
+    TopToken,
+)
 from tgi_core.engine.sampler import is_sampling, sample
-from tgi_core.engine.scheduler import Scheduler
+from tgi_core.engine.scheduler import ScheduledChunk, Scheduler
 from tgi_core.engine.sequence import Sequence
 from tgi_core.errors import TGIError
 from tgi_core.logging import get_logger
@@ -71,7 +77,7 @@ class Engine:
             max_batch_size=config.max_batch_size,
             chunked_prefill=config.chunked_prefill,
         )
-        self.sequences: dict[str, Sequence] = {}
+        self.sequences: dict[str, list[Sequence]] = {}  # a request's live samples
         self._arrivals = 0
 
     @property
@@ -90,26 +96,40 @@ class Engine:
                 f"prompt and max_new_tokens ({total} tokens) exceed the KV "
                 f"cache ({self.capacity_tokens} tokens)"
             )
+        if request.n < 1:
+            raise RequestError("n must be at least 1")
+        if request.n * total > self.capacity_tokens:
+            raise RequestError(
+                f"{request.n} samples of {total} tokens exceed the KV cache "
+                f"({self.capacity_tokens} tokens)"
+            )
         seq = Sequence(request, arrival=self._arrivals)
         self._arrivals += 1
-        sampling = request.sampling
+        self._prepare(seq, 0)
+        self.sequences[request.request_id] = [seq]
+        self.scheduler.add(seq)
+
+    def _prepare(self, seq: Sequence, index: int) -> None:
+        """Per-sample state: its index, its seeded generator, its detokenizer."""
+        request, sampling = seq.request, seq.request.sampling
+        seq.extra["index"] = index
         if is_sampling(sampling):
-            seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
+            base = sampling.seed if sampling.seed is not None else random.getrandbits(63)
+            seed = (base + index) % 2**63
             seq.extra["seed"] = seed
             seq.extra["generator"] = torch.Generator().manual_seed(seed)
         if self.tokenizer is not None:
             seq.extra["detokenizer"] = IncrementalDetokenizer(
                 self.tokenizer, request.prompt_token_ids, request.stopping.stop
             )
-        self.sequences[request.request_id] = seq
-        self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request; its blocks are free when this returns."""
-        seq = self.sequences.pop(request_id, None)
-        if seq is None:
+        group = self.sequences.pop(request_id, None)
+        if group is None:
             return False
-        self.scheduler.finish(seq)
+        for seq in group:
+            self.scheduler.finish(seq)
         return True
 
     def has_work(self) -> bool:
@@ -135,18 +155,65 @@ class Engine:
         if not plan.chunks:
             return events
         self.runner.copy_blocks(self.blocks.take_copies())
-        wants = [c.num_cached + c.num_new == len(c.seq.token_ids) for c in plan.chunks]
+        modes = [self._logits_mode(c) for c in plan.chunks]
         try:
-            logits = self.runner.execute(plan.chunks, wants)
+            logits = self.runner.execute(plan.chunks, modes)
         except Exception as exc:  # a failed step fails its requests, not the engine
             log.exception("step failed", requests=[c.seq.request_id for c in plan.chunks])
-            return events + [self._fail(c.seq, f"generation failed: {exc}") for c in plan.chunks]
-        for chunk in plan.chunks:
+            failed = {c.seq.request_id: c.seq for c in plan.chunks}
+            return events + [
+                self._fail(seq, f"generation failed: {exc}") for seq in failed.values()
+            ]
+        ready: list[tuple[Sequence, torch.Tensor]] = []
+        for chunk, mode, rows in zip(plan.chunks, modes, logits, strict=True):
             self.scheduler.complete(chunk)
-        ready = [c.seq for c, wanted in zip(plan.chunks, wants, strict=True) if wanted]
+            if mode == "all":
+                self._record_prompt_logprobs(chunk, rows)
+            if chunk.seq.num_pending == 0 and rows is not None:
+                ready.append((chunk.seq, rows[-1]))
+                ready.extend((child, rows[-1]) for child in self._fork(chunk.seq))
         if ready:
-            events += self._sample(ready, logits)
+            events += self._sample(
+                [seq for seq, _ in ready], torch.stack([row for _, row in ready])
+            )
         return events
+
+    def _logits_mode(self, chunk: ScheduledChunk) -> str:
+        seq = chunk.seq
+        if seq.request.prompt_logprobs and chunk.num_cached < seq.num_prompt_tokens:
+            return "all"
+        return "last" if chunk.num_cached + chunk.num_new == len(seq.token_ids) else "none"
+
+    def _record_prompt_logprobs(self, chunk: ScheduledChunk, rows: torch.Tensor | None) -> None:
+        seq = chunk.seq
+        assert rows is not None
+        recorded = seq.extra.setdefault("prompt_logprobs", [PromptToken(seq.token_ids[0], None)])
+        log_probs = rows.log_softmax(-1)
+        for offset in range(chunk.num_new):
+            target = chunk.num_cached + offset + 1
+            if target < seq.num_prompt_tokens and target == len(recorded):
+                token = seq.token_ids[target]
+                recorded.append(PromptToken(token, float(log_probs[offset, token])))
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """The first time a request's prompt completes, start its other ``n - 1`` samples."""
+        if parent.request.n == 1 or parent.extra.get("forked"):
+            return []
+        parent.extra["forked"] = True
+        children = []
+        for index in range(1, parent.request.n):
+            child = Sequence(
+                parent.request, arrival=parent.arrival, token_ids=list(parent.token_ids)
+            )
+            self._prepare(child, index)
+            self.blocks.fork(parent, child)
+            child.extra["forked"] = True
+            if "prompt_logprobs" in parent.extra:
+                child.extra["prompt_logprobs"] = parent.extra["prompt_logprobs"]
+            self.scheduler.add_running(child)
+            self.sequences[parent.request_id].append(child)
+            children.append(child)
+        return children
 
     def _sample(self, ready: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
         out = sample(
@@ -185,17 +252,21 @@ class Engine:
             finish = "eos_token"
         elif detok is not None and detok.stopped_by is not None:
             finish = "stop_sequence"
+        done = False
         if finish is not None:
             if detok is not None and finish != "stop_sequence":
                 text += detok.flush()
-            self.sequences.pop(seq.request_id, None)
-            self.scheduler.finish(seq)
+            done = self._retire(seq)
+        prompt_logprobs = None
+        if seq.num_generated == 1 and "prompt_logprobs" in seq.extra:
+            prompt_logprobs = tuple(seq.extra["prompt_logprobs"])
         special = self._is_special(token)
         top_tokens = tuple(
             TopToken(i, self._token_text(i), lp, self._is_special(i)) for i, lp in top
         )
         return TokenEvent(
             request_id=seq.request_id,
+            index=seq.extra.get("index", 0),
             token_id=token,
             text=text,
             logprob=logprob,
@@ -205,10 +276,26 @@ class Engine:
             generated_tokens=seq.num_generated,
             prompt_tokens=seq.num_prompt_tokens,
             seed=seq.extra.get("seed"),
+            done=done,
+            prompt_logprobs=prompt_logprobs,
         )
 
-    def _fail(self, seq: Sequence, message: str) -> TokenEvent:
+    def _retire(self, seq: Sequence) -> bool:
+        """Finish one sample; True when it was its request's last."""
+        self.scheduler.finish(seq)
+        group = self.sequences.get(seq.request_id, [])
+        if seq in group:
+            group.remove(seq)
+        unforked = seq.request.n > 1 and not seq.extra.get("forked")
+        if group or unforked:
+            return False
         self.sequences.pop(seq.request_id, None)
+        return True
+
+    def _fail(self, seq: Sequence, message: str) -> TokenEvent:
+        """Fail a whole request (all its samples) with one error event."""
+        for sample_seq in self.sequences.pop(seq.request_id, [seq]):
+            self.scheduler.finish(sample_seq)
         self.scheduler.finish(seq)
         return TokenEvent(
             request_id=seq.request_id,
@@ -218,6 +305,7 @@ class Engine:
             generated_tokens=seq.num_generated,
             prompt_tokens=seq.num_prompt_tokens,
             error=message,
+            done=True,
         )
 
     def _is_special(self, token: int) -> bool:

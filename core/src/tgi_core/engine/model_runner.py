@@ -49,8 +49,11 @@ class ModelRunner:
                     layer.index_copy_(0, dst, layer.index_select(0, src))
 
     @torch.inference_mode()
-    def execute(self, chunks: Seq[ScheduledChunk], wants_logits: Seq[bool]) -> torch.Tensor:
-        """Run the step; returns float32 logits ``[sum(wants_logits), vocab]``, in order."""
+    def execute(
+        self, chunks: Seq[ScheduledChunk], logits_for: Seq[str]
+    ) -> list[torch.Tensor | None]:
+        """Run the step. ``logits_for[i]`` is ``"none"``, ``"last"`` (the chunk's last
+        token) or ``"all"`` (every token of the chunk); returns float32 logits per chunk."""
         batch = ForwardBatch.build(
             [SequenceChunk(c.num_cached, c.num_new, c.seq.block_table) for c in chunks],
             self.kv_cache,
@@ -61,8 +64,14 @@ class ModelRunner:
         hidden = self.model(
             torch.tensor(ids, dtype=torch.int64, device=self.device), batch.positions, batch
         )
-        rows = [batch.query_start[i + 1] - 1 for i, wanted in enumerate(wants_logits) if wanted]
+        rows: list[int] = []
+        spans: list[tuple[int, int] | None] = []
+        for i, mode in enumerate(logits_for):
+            start, end = batch.query_start[i], batch.query_start[i + 1]
+            chosen = [] if mode == "none" else [end - 1] if mode == "last" else range(start, end)
+            spans.append((len(rows), len(rows) + len(chosen)) if chosen else None)
+            rows.extend(chosen)
         if not rows:
-            return torch.empty(0)
-        logits: torch.Tensor = self.model.compute_logits(hidden[rows])  # type: ignore[operator]
-        return logits.float()
+            return [None] * len(chunks)
+        logits: torch.Tensor = self.model.compute_logits(hidden[rows]).float()  # type: ignore[operator]
+        return [None if span is None else logits[span[0] : span[1]] for span in spans]

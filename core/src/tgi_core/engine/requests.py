@@ -45,7 +45,13 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams = SamplingParams()
     stopping: StoppingParams = StoppingParams()
-    prompt_logprobs: bool = False
+    prompt_logprobs: bool = False  # report each prompt token's logprob (skips the prefix cache)
+    n: int = 1  # independent samples of the same prompt (its KV is shared, copy-on-write)
+
+
+class PromptToken(msgspec.Struct, frozen=True):
+    id: int
+    logprob: float | None  # None for the first token, which nothing predicts
 
 
 class TopToken(msgspec.Struct, frozen=True):
@@ -56,9 +62,15 @@ class TopToken(msgspec.Struct, frozen=True):
 
 
 class TokenEvent(msgspec.Struct, frozen=True, kw_only=True):
-    """One generated token; the last event of a request carries ``finish_reason``."""
+    """One generated token of one of a request's ``n`` samples (``index``).
+
+    The last event of each sample carries ``finish_reason``; ``done`` marks the last event
+    of the whole request. The first event of a request with ``prompt_logprobs`` carries
+    them.
+    """
 
     request_id: str
+    index: int = 0
     token_id: int
     text: str  # the text this token adds (may be empty while a stop sequence could form)
     logprob: float
@@ -69,3 +81,5 @@ class TokenEvent(msgspec.Struct, frozen=True, kw_only=True):
     prompt_tokens: int = 0
     seed: int | None = None
     error: str | None = None  # set when the request failed (no token then)
+    done: bool = False
+    prompt_logprobs: tuple[PromptToken, ...] | None = None

@@ -61,6 +61,11 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.append(seq)
 
+    def add_running(self, seq: Sequence) -> None:
+        """Add a sequence that already holds its blocks (a fork) to the running set."""
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -114,7 +119,7 @@ class Scheduler:
                 seq.status = Status.FINISHED
                 plan.refused.append(seq)
                 continue
-            if not seq.block_table:
+            if not seq.block_table and not seq.request.prompt_logprobs:
                 seq.num_cached_prompt_tokens = self.blocks.match_prefix(seq)
             num_new = seq.num_pending
             if num_new > budget:
