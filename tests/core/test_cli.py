@@ -165,34 +165,7 @@ def test_builtin_attention_backends_are_listed_first(run) -> None:
     assert "alibi" in backends["sdpa"]["features"]
 
 
-def test_serve_loads_the_model_before_saying_no_engine(run, tmp_path: Path) -> None:
-    from transformers import LlamaConfig
-
-    from tgi_core.model.fixtures import save_checkpoint
-
-    folder = save_checkpoint(
-        tmp_path / "llama",
-        LlamaConfig(
-            vocab_size=32,
-            hidden_size=16,
-            intermediate_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-        ),
-    )
-    result = run(
-        "serve",
-        "--model-id",
-        str(folder),
-        "--attention",
-        "reference",
-        "--dtype",
-        "float32",
-        "--json-output",
-    )
-    assert result.exit_code == 1
-    assert "no inference engine yet" in result.output
+def test_serve_reports_a_missing_model_folder(run, tmp_path: Path) -> None:
     result = run("serve", "--model-id", str(tmp_path / "missing"))
     assert result.exit_code == 1
     assert "model folder" in result.output and "does not exist" in result.output

@@ -187,9 +187,9 @@ def test_missing_file(tmp_path: Path) -> None:
             r"max_total_tokens \(5000, .*\) must be at most max_batch_total_tokens \(4096",
         ),
         (
-            {"max_batch_total_tokens": "1000"},
-            r"max_batch_prefill_tokens \(4096, from the default\) must be at most "
-            r"max_batch_total_tokens \(1000, from command-line flag",
+            {"max_batch_total_tokens": "1000", "max_batch_prefill_tokens": "2000"},
+            r"max_batch_prefill_tokens \(2000, from command-line flag --max-batch-prefill-"
+            r"tokens\) must be at most max_batch_total_tokens \(1000, from command-line flag",
         ),
         (
             {"prefill_chunking": False, "max_input_tokens": "5000"},

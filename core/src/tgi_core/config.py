@@ -98,7 +98,11 @@ class ServeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     # -- Batching ---------------------------------------------------------------------
     max_batch_prefill_tokens: Annotated[
         PositiveInt,
-        _opt("Most prompt tokens processed in one step (the prefill chunk budget).", "Batching"),
+        _opt(
+            "Most prompt tokens processed in one step (the prefill chunk budget); the "
+            "default is capped at max_batch_total_tokens.",
+            "Batching",
+        ),
     ] = 4096
     max_batch_total_tokens: Annotated[
         PositiveInt | None,
@@ -612,12 +616,13 @@ def _check_relations(config: ServeConfig, sources: Mapping[str, Source]) -> None
                 "at most",
                 "max_batch_total_tokens",
             )
-        require(
-            c.max_batch_prefill_tokens <= c.max_batch_total_tokens,
-            "max_batch_prefill_tokens",
-            "at most",
-            "max_batch_total_tokens",
-        )
+        if sources["max_batch_prefill_tokens"].kind != "default":  # a default is capped
+            require(
+                c.max_batch_prefill_tokens <= c.max_batch_total_tokens,
+                "max_batch_prefill_tokens",
+                "at most",
+                "max_batch_total_tokens",
+            )
     if not c.prefill_chunking and c.max_input_tokens is not None:
         require(
             c.max_input_tokens <= c.max_batch_prefill_tokens,

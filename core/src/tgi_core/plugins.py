@@ -31,7 +31,10 @@ LOAD_PLUGINS_ENV = "TGI_LOAD_PLUGINS"
 TRACE_PLUGINS_ENV = "TGI_TRACE_PLUGINS"
 
 #: Modules registered before any entry point, through the very same hooks.
-DEFAULT_PLUGINS: tuple[str, ...] = ("tgi_core.attention.default_backends",)
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "tgi_core.attention.default_backends",
+    "tgi_core.server.builtin_frontends",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,18 +1,19 @@
-"""``tgi-core serve``: resolve plugins and config, load the model, then run the server."""
+"""``tgi-core serve``: resolve plugins and config, load the model, run the HTTP server."""
 
 from __future__ import annotations
 
 from tgi_core.config import ResolvedConfig
-from tgi_core.errors import ConfigError, TGIError
 from tgi_core.logging import configure_logging, get_logger
 from tgi_core.plugins import make_plugin_manager
 from tgi_core.registry import Registry
 
 
 def serve(resolved: ResolvedConfig) -> None:
-    """Start serving with ``resolved``; returns when the server stops.
+    """Serve with ``resolved`` until the process is told to stop (SIGINT, SIGTERM).
 
     Raises :class:`~tgi_core.errors.TGIError` subclasses for anything a user can fix.
+    On SIGTERM, uvicorn stops accepting connections and gives requests in flight
+    ``graceful_termination_timeout`` seconds to finish.
     """
     config = resolved.config
     configure_logging(json_output=config.json_output, level=config.log_level)
@@ -24,29 +25,18 @@ def serve(resolved: ResolvedConfig) -> None:
         plugins=[f"{info.distribution}=={info.version}" for info in registry.plugins],
         architectures=registry.models.architectures(),
     )
-    if config.model_id is None:
-        raise ConfigError("no model to serve: pass --model-id DIR or set MODEL_ID")
+    import uvicorn
 
-    from tgi_core.attention.selection import required_features, select_backend
-    from tgi_core.model.base import DTYPES, ModelContext, default_dtype
-    from tgi_core.model.checkpoint import Checkpoint
-    from tgi_core.model.loader import load_model, select_model_spec
+    from tgi_core.server.app import build_app
+    from tgi_core.server.builder import build_state
 
-    spec = select_model_spec(Checkpoint.open(config.model_id), registry)
-    select_backend(spec, registry, config.attention)  # fail fast, before loading
-    dtype = DTYPES[config.dtype] if config.dtype else default_dtype()
-    loaded = load_model(config.model_id, registry, ctx=ModelContext(dtype=dtype), progress=True)
-    backend = select_backend(
-        spec, registry, config.attention, needs=required_features(loaded.model)
-    )
-    log.info(
-        "model loaded",
-        model=spec.name,
-        architecture=type(loaded.model).__name__,
-        dtype=str(dtype).removeprefix("torch."),
-        attention=backend.name,
-    )
-    raise TGIError(
-        "this build of tgi-core has no inference engine yet: the model loads and the "
-        "configuration is valid, but serving arrives with the engine and server releases"
+    state = build_state(resolved, registry)
+    app = build_app(state, registry, resolved.plugin_sections)
+    log.info("serving", host=config.hostname, port=config.port, model=config.model_id)
+    uvicorn.run(
+        app,
+        host=config.hostname,
+        port=config.port,
+        log_config=None,
+        timeout_graceful_shutdown=config.graceful_termination_timeout,
     )

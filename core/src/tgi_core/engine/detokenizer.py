@@ -68,7 +68,14 @@ class IncrementalDetokenizer:
         return longest
 
     def flush(self) -> str:
-        """At the end of generation: release whatever was held back for stop sequences."""
+        """At the end of generation: release whatever was held back, for stop sequences or
+        as an incomplete character (decoded as U+FFFD, as a full decode would)."""
+        if self.stopped_by is None:
+            before = self._decode(self.ids[self.prefix_offset : self.read_offset])
+            after = self._decode(self.ids[self.prefix_offset :])
+            if len(after) > len(before):
+                self.text += after[len(before) :]
+                self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         piece = self.text[self.released :]
         self.released = len(self.text)
         return piece

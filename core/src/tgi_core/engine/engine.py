@@ -277,6 +277,7 @@ class Engine:
             prompt_tokens=seq.num_prompt_tokens,
             seed=seq.extra.get("seed"),
             done=done,
+            stop_sequence=detok.stopped_by if detok is not None else None,
             prompt_logprobs=prompt_logprobs,
         )
 

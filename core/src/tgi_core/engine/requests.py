@@ -82,4 +82,5 @@ class TokenEvent(msgspec.Struct, frozen=True, kw_only=True):
     seed: int | None = None
     error: str | None = None  # set when the request failed (no token then)
     done: bool = False
+    stop_sequence: str | None = None  # the stop sequence that ended the sample, if any
     prompt_logprobs: tuple[PromptToken, ...] | None = None

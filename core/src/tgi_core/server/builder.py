@@ -1,0 +1,131 @@
+"""From a resolved config to a ready :class:`ServerState`: model, tokenizer, engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tgi_core.config import ResolvedConfig
+from tgi_core.errors import ConfigError
+from tgi_core.logging import get_logger
+from tgi_core.registry import Registry
+from tgi_core.server.state import ModelInfo, ServerState
+
+log = get_logger("tgi_core.server")
+#: Share of the memory available after loading that the KV cache may take by default.
+KV_MEMORY_FRACTION = 0.5
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 1024**3
+
+
+def _eos_ids(checkpoint: Any, tokenizer: Any) -> tuple[int, ...]:
+    ids: list[int] = []
+    for source in (checkpoint.generation_config or {}, checkpoint.config):
+        value = source.get("eos_token_id")
+        ids.extend(value if isinstance(value, list) else [] if value is None else [value])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def build_state(resolved: ResolvedConfig, registry: Registry) -> ServerState:
+    """Load the model and its tokenizer, size the KV cache, build the engine."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tgi_core.attention.kv_cache import KVCache
+    from tgi_core.attention.selection import required_features, select_backend
+    from tgi_core.engine.async_engine import AsyncEngine
+    from tgi_core.engine.engine import Engine, EngineConfig
+    from tgi_core.engine.model_runner import ModelRunner
+    from tgi_core.model.base import DTYPES, ModelContext, default_dtype
+    from tgi_core.model.checkpoint import Checkpoint
+    from tgi_core.model.layers.attention import Attention
+    from tgi_core.model.loader import load_model, select_model_spec
+
+    config = resolved.config
+    if config.model_id is None:
+        raise ConfigError("no model to serve: pass --model-id DIR or set MODEL_ID")
+    spec = select_model_spec(Checkpoint.open(config.model_id), registry)
+    select_backend(spec, registry, config.attention)  # fail fast, before loading
+    dtype = DTYPES[config.dtype] if config.dtype else default_dtype()
+    loaded = load_model(config.model_id, registry, ctx=ModelContext(dtype=dtype), progress=True)
+    backend_spec = select_backend(
+        spec, registry, config.attention, needs=required_features(loaded.model)
+    )
+    backend = backend_spec.load()()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.model_id)
+    except Exception as exc:
+        raise ConfigError(f"cannot load the tokenizer of {config.model_id}: {exc}") from None
+
+    layers = [m for m in loaded.model.modules() if isinstance(m, Attention)]
+    block_bytes = KVCache.bytes_per_block(layers, config.block_size, backend.kv_cache_dtype(dtype))
+    if config.max_batch_total_tokens is not None:
+        num_blocks = -(-config.max_batch_total_tokens // config.block_size)
+    else:
+        num_blocks = max(1, int(_available_memory() * KV_MEMORY_FRACTION // block_bytes))
+    capacity = num_blocks * config.block_size
+    context = int(getattr(loaded.hf_config, "max_position_embeddings", capacity) or capacity)
+    max_total = config.max_total_tokens or min(context, capacity)
+    if max_total > capacity:
+        raise ConfigError(
+            f"max_total_tokens ({max_total}) exceeds the KV cache ({capacity} "
+            "tokens); lower it or raise max_batch_total_tokens"
+        )
+    max_input = config.max_input_tokens or max_total - 1
+    engine = Engine(
+        ModelRunner(
+            loaded.model,
+            backend,
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            model_dtype=dtype,
+        ),
+        EngineConfig(
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            max_batch_tokens=config.max_batch_prefill_tokens,
+            max_batch_size=config.max_batch_size,
+            chunked_prefill=config.prefill_chunking,
+            prefix_caching=config.prefix_caching,
+            eos_token_ids=_eos_ids(loaded.checkpoint, tokenizer),
+        ),
+        tokenizer,
+    )
+    log.info(
+        "engine ready",
+        kv_blocks=num_blocks,
+        kv_tokens=capacity,
+        kv_mib=round(num_blocks * block_bytes / 2**20),
+        max_total_tokens=max_total,
+        max_input_tokens=max_input,
+        dtype=str(dtype).removeprefix("torch."),
+        attention=backend_spec.name,
+        threads=torch.get_num_threads(),
+    )
+    model = ModelInfo(
+        model_id=config.model_id,
+        dtype=str(dtype).removeprefix("torch."),
+        attention=backend_spec.name,
+        block_size=config.block_size,
+        max_input_tokens=max_input,
+        max_total_tokens=max_total,
+        architecture=type(loaded.model).__name__,
+        is_encoder_decoder=spec.kind == "seq2seq",
+    )
+    plugins = [
+        {"name": p.name, "distribution": p.distribution, "version": p.version}
+        for p in registry.plugins
+    ]
+    return ServerState(
+        config=config, engine=AsyncEngine(engine), tokenizer=tokenizer, model=model, plugins=plugins
+    )
