@@ -61,7 +61,7 @@ def main() -> None:
     print(section)
     if args.write:
         sys.path.insert(0, str(Path(__file__).parent))
-        from model_step import write
+        from docs_section import write
 
         write(args.write, section)
 

@@ -25,7 +25,8 @@ from tgi_core.model.base import default_dtype
 from tgi_core.model.fixtures import build_engine, load_reference, save_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
-from model_step import SMOLLM, write
+from docs_section import write
+from model_step import SMOLLM
 
 BEGIN, END = "<!-- engine-throughput:begin -->", "<!-- engine-throughput:end -->"
 

@@ -65,7 +65,8 @@ def main() -> None:
     parser.add_argument("--write", type=Path)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
-    from model_step import SMOLLM, write
+    from docs_section import write
+    from model_step import SMOLLM
     from transformers import LlamaConfig
 
     from tgi_core.model.fixtures import save_checkpoint

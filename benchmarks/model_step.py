@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from docs_section import write
 from transformers import DynamicCache, LlamaConfig
 
 from tgi_core.model.base import DTYPES, ModelContext
@@ -161,16 +162,6 @@ def table(results: dict[str, list[tuple[str, float, float]]], args: argparse.Nam
             )
     lines.append(END)
     return "\n".join(lines)
-
-
-def write(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def main() -> None:

@@ -18,6 +18,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from docs_section import write
+
 COMMANDS = {
     "python -c pass (interpreter floor)": [sys.executable, "-c", "pass"],
     "import tgi_core.plugins": [sys.executable, "-c", "import tgi_core.plugins"],
@@ -57,16 +59,6 @@ def table(medians: dict[str, float], repeats: int) -> str:
         lines.append(f"| `{name}` | {seconds * 1000:.0f} ms | {seconds / torch_time:.2f}× |")
     lines.append(END)
     return "\n".join(lines)
-
-
-def write(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def main() -> None:
