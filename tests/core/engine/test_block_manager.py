@@ -64,7 +64,6 @@ def test_prefix_blocks_are_reused_and_counted() -> None:
     second = seq([*range(8), 99, 98, 97])
     assert blocks.match_prefix(second) == 8
     assert second.block_table == first.block_table[:2]
-    assert blocks.prefix_hit_tokens == 8
     third = seq(range(8))  # the last token is always computed: only one block matches
     assert blocks.match_prefix(third) == 4
     assert_references_match(blocks, [first, second, third])
@@ -103,6 +102,29 @@ def test_fork_shares_blocks_and_copies_a_partial_tail_on_write() -> None:
     assert blocks.allocate(parent, 7)  # now the parent's tail is its own: no copy
     assert blocks.take_copies() == []
     assert_references_match(blocks, [parent, child])
+
+
+def test_prefix_hits_are_counted_once_on_admission() -> None:
+    scheduler = Scheduler(BlockManager(4, 2), max_batch_tokens=64)
+    first = seq([1, 2, 3, 4, 5], max_new=1)
+    run_to_completion_with(scheduler, [first])
+    blocker = seq(range(10, 14), max_new=1)  # holds two of the four blocks
+    scheduler.add(blocker)
+    scheduler.schedule()
+    again = seq([1, 2, 3, 4, 9, 8, 7], max_new=1)  # matches 4 tokens but cannot fit yet
+    scheduler.add(again)
+    for _ in range(3):
+        scheduler.schedule()
+    assert scheduler.blocks.prefix_hit_tokens == 0
+    scheduler.finish(blocker)
+    scheduler.schedule()
+    assert scheduler.blocks.prefix_hit_tokens == 4
+
+
+def run_to_completion_with(scheduler: Scheduler, sequences: list[Sequence]) -> None:
+    for s in sequences:
+        scheduler.add(s)
+    run_to_completion(scheduler)
 
 
 def test_scheduler_is_fifo_and_respects_the_token_budget() -> None:

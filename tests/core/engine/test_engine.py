@@ -258,3 +258,15 @@ def test_n_samples_share_the_prompt_and_each_equals_its_own_seed(checkpoint) -> 
         )
         single = build_engine(checkpoint, num_blocks=64, block_size=4).run([alone])["one"]
         assert [e.token_id for e in single] == by_index[i]
+
+
+def test_a_failure_after_the_forward_fails_only_its_requests(checkpoint) -> None:
+    engine = build_engine(checkpoint, num_blocks=64)
+    original = engine._sample
+    engine._sample = lambda *args: (_ for _ in ()).throw(ValueError("sampler broke"))
+    engine.add_request(greedy([5, 6, 7], "bad"))
+    events = engine.step()
+    assert events[0].error == "generation failed: sampler broke" and events[0].done
+    assert engine.stats().kv_blocks_used == 0 and not engine.has_work()
+    engine._sample = original
+    assert len(engine.run([greedy([5, 6, 7], "good", max_new=3)])["good"]) == 3

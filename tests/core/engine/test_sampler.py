@@ -100,3 +100,11 @@ def test_seeded_sampling_is_reproducible_and_follows_the_distribution() -> None:
     assert first.token_ids == again.token_ids
     frequencies = torch.bincount(torch.tensor(first.token_ids), minlength=3).float() / 4000
     torch.testing.assert_close(frequencies, probs, atol=0.03, rtol=0)
+
+
+def test_a_vanishing_temperature_is_greedy_and_finite() -> None:
+    logits = torch.randn(1, V)
+    out = sample(logits, [SamplingParams(do_sample=True, temperature=1e-300)], [[1]],
+                 [torch.Generator().manual_seed(0)])
+    assert out.token_ids == [int(logits.argmax())]
+    assert out.logprobs[0] == out.logprobs[0]  # not NaN

@@ -90,6 +90,11 @@ def test_compat_route_returns_a_list_and_full_text(client, checkpoint) -> None:
     )
     assert response.status_code == 200
     assert response.json() == [{"generated_text": PROMPT + text}]
+    # on `/`, return_full_text defaults to true for a text-generation model, as in TGI
+    response = client.post("/", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 5}})
+    assert response.json()[0]["generated_text"] == PROMPT + text
+    plain = client.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 5}})
+    assert plain.json()["generated_text"] == text
 
 
 def test_generate_stream_sse_framing(client, checkpoint) -> None:
@@ -109,6 +114,7 @@ def test_generate_stream_sse_framing(client, checkpoint) -> None:
     assert [p["token"]["id"] for p in payloads] == ids
     assert all(p["generated_text"] is None and p["details"] is None for p in payloads[:-1])
     assert payloads[-1]["generated_text"] == text
+    assert "".join(p["token"]["text"] for p in payloads) == text  # incremental token text
     assert payloads[-1]["details"]["input_length"] > 0
 
 
@@ -127,6 +133,7 @@ def test_generate_stream_sse_framing(client, checkpoint) -> None:
         ({"best_of": 3}, "`best_of` must be > 0 and <= 2. Given: 3"),
         ({"truncate": 0}, "`truncate` must be strictly positive and less than"),
         ({"max_new_tokens": 5000}, "`inputs` tokens + `max_new_tokens` must be <= 256."),
+        ({"seed": 2**64}, "`seed` must be an unsigned 64-bit integer"),
     ],
 )
 def test_validation_messages(client, parameters, message) -> None:

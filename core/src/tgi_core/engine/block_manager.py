@@ -11,6 +11,7 @@ is copied before it is written (copy-on-write).
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict, deque
 from collections.abc import Sequence as Seq
 
@@ -18,8 +19,13 @@ from tgi_core.engine.sequence import Sequence
 
 
 def chain_hash(previous: int | None, tokens: Seq[int]) -> int:
-    """The hash of a full block given the hash of everything before it."""
-    return hash((previous, tuple(tokens)))
+    """The hash of a full block given the hash of everything before it.
+
+    SHA-256 (truncated to 128 bits), not Python's ``hash``: another request must not be
+    able to craft a collision and read or poison cached blocks.
+    """
+    data = ",".join(map(str, (previous if previous is not None else -1, *tokens)))
+    return int.from_bytes(hashlib.sha256(data.encode()).digest()[:16], "big")
 
 
 class BlockManager:
@@ -35,7 +41,7 @@ class BlockManager:
         self.free_ids: deque[int] = deque(range(num_blocks))  # no content worth keeping
         self.evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced, cached; LRU first
         self.by_hash: dict[int, int] = {}
-        self.prefix_hit_tokens = 0  # tokens served from the cache, ever
+        self.prefix_hit_tokens = 0  # prompt tokens served from the cache (counted on admission)
         self.pending_copies: list[tuple[int, int]] = []  # copy-on-write (source, destination)
 
     # -- accounting --------------------------------------------------------------------
@@ -109,7 +115,6 @@ class BlockManager:
             previous = digest
         matched = len(seq.block_table) * self.block_size
         seq.num_computed = matched
-        self.prefix_hit_tokens += matched
         return matched
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:

@@ -115,7 +115,7 @@ class Engine:
         seq.extra["index"] = index
         if is_sampling(sampling):
             base = sampling.seed if sampling.seed is not None else random.getrandbits(63)
-            seed = (base + index) % 2**63
+            seed = (base + index) % 2**64
             seq.extra["seed"] = seed
             seq.extra["generator"] = torch.Generator().manual_seed(seed)
         if self.tokenizer is not None:
@@ -154,29 +154,33 @@ class Engine:
         ]
         if not plan.chunks:
             return events
-        self.runner.copy_blocks(self.blocks.take_copies())
-        modes = [self._logits_mode(c) for c in plan.chunks]
         try:
-            logits = self.runner.execute(plan.chunks, modes)
+            return events + self._run(plan.chunks)
         except Exception as exc:  # a failed step fails its requests, not the engine
             log.exception("step failed", requests=[c.seq.request_id for c in plan.chunks])
             failed = {c.seq.request_id: c.seq for c in plan.chunks}
             return events + [
-                self._fail(seq, f"generation failed: {exc}") for seq in failed.values()
+                self._fail(seq, f"generation failed: {exc}")
+                for seq in failed.values()
+                if seq.request_id in self.sequences
             ]
+
+    def _run(self, chunks: list[ScheduledChunk]) -> list[TokenEvent]:
+        """Forward, then sample and emit for the sequences whose pending tokens are done."""
+        self.runner.copy_blocks(self.blocks.take_copies())
+        modes = [self._logits_mode(c) for c in chunks]
+        logits = self.runner.execute(chunks, modes)
         ready: list[tuple[Sequence, torch.Tensor]] = []
-        for chunk, mode, rows in zip(plan.chunks, modes, logits, strict=True):
+        for chunk, mode, rows in zip(chunks, modes, logits, strict=True):
             self.scheduler.complete(chunk)
             if mode == "all":
                 self._record_prompt_logprobs(chunk, rows)
             if chunk.seq.num_pending == 0 and rows is not None:
                 ready.append((chunk.seq, rows[-1]))
                 ready.extend((child, rows[-1]) for child in self._fork(chunk.seq))
-        if ready:
-            events += self._sample(
-                [seq for seq, _ in ready], torch.stack([row for _, row in ready])
-            )
-        return events
+        if not ready:
+            return []
+        return self._sample([seq for seq, _ in ready], torch.stack([row for _, row in ready]))
 
     def _logits_mode(self, chunk: ScheduledChunk) -> str:
         seq = chunk.seq

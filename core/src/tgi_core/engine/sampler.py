@@ -68,7 +68,8 @@ def _penalties(
 
 def _warp(logits: torch.Tensor, params: Seq[SamplingParams]) -> torch.Tensor:
     """Temperature, top-k, top-p, typical-p and min-p, each row with its own settings."""
-    temperature = torch.tensor([p.temperature for p in params])[:, None]
+    # a vanishing temperature is greedy in the limit; keep the division finite
+    temperature = torch.tensor([max(p.temperature, 1e-4) for p in params])[:, None]
     logits = logits / temperature
     top_k = torch.tensor([p.top_k for p in params])
     top_p = torch.tensor([p.top_p for p in params])

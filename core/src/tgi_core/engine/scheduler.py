@@ -130,6 +130,7 @@ class Scheduler:
                 self.blocks.free(seq)
                 break
             self.waiting.popleft()
+            self.blocks.prefix_hit_tokens += seq.num_cached_prompt_tokens
             seq.status = Status.RUNNING
             self.running.append(seq)
             plan.chunks.append(ScheduledChunk(seq, seq.num_computed, num_new))

@@ -123,8 +123,8 @@ def validate(state: ServerState, body: TGIRequest, *, stream: bool) -> Validated
         )
     if p.grammar is not None:
         raise validation_error("grammar is not supported")
-    if p.seed is not None and p.seed < 0:
-        raise validation_error("`seed` must be a non-negative integer")
+    if p.seed is not None and not 0 <= p.seed < 2**64:
+        raise validation_error("`seed` must be an unsigned 64-bit integer")
     if not body.inputs:
         raise validation_error("`inputs` cannot be empty")
     max_input, max_total = state.model.max_input_tokens, state.model.max_total_tokens
@@ -171,9 +171,14 @@ def validate(state: ServerState, body: TGIRequest, *, stream: bool) -> Validated
     return Validated(request, prompt_ids, p, sampling)
 
 
-def _token(state: ServerState, token_id: int, logprob: float, special: bool) -> dict[str, Any]:
-    text = state.tokenizer.decode([token_id], skip_special_tokens=False)
-    return {"id": token_id, "text": text, "logprob": logprob, "special": special}
+def _token(state: ServerState, event: TokenEvent) -> dict[str, Any]:
+    """TGI's token: its text is what it adds to the output (incremental decoding, so
+    SentencePiece spaces and multi-byte characters come out right); a special token's
+    text is its own."""
+    text = event.text
+    if event.special:
+        text = state.tokenizer.decode([event.token_id], skip_special_tokens=False)
+    return {"id": event.token_id, "text": text, "logprob": event.logprob, "special": event.special}
 
 
 def _top_tokens(event: TokenEvent) -> list[dict[str, Any]]:
@@ -219,7 +224,7 @@ async def generate_response(state: ServerState, body: TGIRequest) -> dict[str, A
                 {"id": t.id, "text": state.tokenizer.decode([t.id]), "logprob": t.logprob}
                 for t in (events[0].prompt_logprobs or ())
             ],
-            "tokens": [_token(state, e.token_id, e.logprob, e.special) for e in events],
+            "tokens": [_token(state, e) for e in events],
         }
         if v.request.sampling.top_n_tokens:
             details["top_tokens"] = [_top_tokens(e) for e in events]
@@ -244,7 +249,7 @@ async def stream_events(state: ServerState, body: TGIRequest, v: Validated) -> A
                 last = event.finish_reason is not None
                 payload: dict[str, Any] = {
                     "index": index,
-                    "token": _token(state, event.token_id, event.logprob, event.special),
+                    "token": _token(state, event),
                 }
                 if v.request.sampling.top_n_tokens:
                     payload["top_tokens"] = _top_tokens(event)
@@ -294,6 +299,13 @@ def build(ctx: FrontendContext) -> list[HTTPRouteHandler]:
     async def compat_generate(
         data: Annotated[TGIRequest, Body()],
     ) -> Response[list[dict[str, Any]]] | Stream:
+        parameters = data.parameters
+        if parameters is not None and parameters.return_full_text is None:
+            # TGI: on `/`, return_full_text defaults to the text-generation pipeline
+            full = state.model.pipeline_tag in (None, "text-generation")
+            data = msgspec.structs.replace(
+                data, parameters=msgspec.structs.replace(parameters, return_full_text=full)
+            )
         if data.stream:
             return _stream_response(state, data)
         result = await generate_response(state, data)
