@@ -101,3 +101,30 @@ def with_installed_plugins(
     for name in list(sys.modules):
         if name.split(".")[0] in ("tgi_testplugin", "tgi_hello"):
             del sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama checkpoint saved by transformers, with a 320-token BPE tokenizer
+    (``<s>`` 0, ``</s>`` 1, ``<pad>`` 2), shared by the engine and server tests."""
+    from transformers import LlamaConfig
+
+    from tgi_core.model.fixtures import save_checkpoint, train_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama") / "llama"
+    save_checkpoint(
+        path,
+        LlamaConfig(
+            vocab_size=320,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=0,
+            eos_token_id=1,
+        ),
+    )
+    train_tokenizer(path, 320)
+    return path

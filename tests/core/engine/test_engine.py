@@ -6,31 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from tgi_core.engine.requests import GenerateRequest, SamplingParams, StoppingParams
-from tgi_core.model.fixtures import build_engine, save_checkpoint, train_tokenizer
+from tgi_core.model.fixtures import build_engine
 
 VOCAB = 320
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("engine") / "llama"
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    save_checkpoint(path, config)
-    train_tokenizer(path, VOCAB)
-    return path
+def checkpoint(tiny_llama: Path) -> Path:
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,11 @@ def test_seeded_sampling_is_reproducible_and_follows_the_distribution() -> None:
 
 def test_a_vanishing_temperature_is_greedy_and_finite() -> None:
     logits = torch.randn(1, V)
-    out = sample(logits, [SamplingParams(do_sample=True, temperature=1e-300)], [[1]],
-                 [torch.Generator().manual_seed(0)])
+    out = sample(
+        logits,
+        [SamplingParams(do_sample=True, temperature=1e-300)],
+        [[1]],
+        [torch.Generator().manual_seed(0)],
+    )
     assert out.token_ids == [int(logits.argmax())]
     assert out.logprobs[0] == out.logprobs[0]  # not NaN

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from litestar.testing import TestClient
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tgi_core.config import load_config
-from tgi_core.model.fixtures import save_checkpoint, train_tokenizer
 from tgi_core.plugins import make_plugin_manager
 from tgi_core.registry import Registry
 from tgi_core.server.app import build_app
@@ -21,24 +20,8 @@ VOCAB = 320
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("server") / "llama"
-    save_checkpoint(
-        path,
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            bos_token_id=0,
-            eos_token_id=1,
-        ),
-    )
-    train_tokenizer(path, VOCAB)
-    return path
+def checkpoint(tiny_llama: Path) -> Path:
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")
