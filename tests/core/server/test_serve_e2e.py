@@ -13,9 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from transformers import LlamaConfig
-
-from tgi_core.model.fixtures import save_checkpoint, train_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -27,23 +24,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    path = tmp_path_factory.mktemp("e2e") / "llama"
-    save_checkpoint(
-        path,
-        LlamaConfig(
-            vocab_size=320,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            bos_token_id=0,
-            eos_token_id=1,
-        ),
-    )
-    train_tokenizer(path, 320)
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path):
+    path = tiny_llama
     port = free_port()
     log = tmp_path_factory.mktemp("e2e-log") / "server.log"
     env = {**os.environ, "MODEL_ID": str(path), "PORT": str(port)}
