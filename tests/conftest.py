@@ -106,10 +106,11 @@ def with_installed_plugins(
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama checkpoint saved by transformers, with a 320-token BPE tokenizer
-    (``<s>`` 0, ``</s>`` 1, ``<pad>`` 2), shared by the engine and server tests."""
+    (``<s>`` 0, ``</s>`` 1, ``<pad>`` 2) and a chat template, shared by the engine and
+    server tests."""
     from transformers import LlamaConfig
 
-    from tgi_core.model.fixtures import save_checkpoint, train_tokenizer
+    from tgi_core.model.fixtures import CHAT_TEMPLATE, save_checkpoint, train_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-llama") / "llama"
     save_checkpoint(
@@ -126,5 +127,5 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
             eos_token_id=1,
         ),
     )
-    train_tokenizer(path, 320)
+    train_tokenizer(path, 320, chat_template=CHAT_TEMPLATE)
     return path

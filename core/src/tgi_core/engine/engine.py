@@ -11,7 +11,8 @@ error event; the engine goes on with the others.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,10 @@ class Engine:
         )
         self.sequences: dict[str, list[Sequence]] = {}  # a request's live samples
         self._arrivals = 0
+        #: Called after each step that ran a forward with ``(method, seconds, batch_size,
+        #: ok)``: method ``"prefill"`` if any chunk was a prefill chunk, else ``"decode"``.
+        #: Runs on the engine thread; an exception it raises is logged and ignored.
+        self.step_observer: Callable[[str, float, int, bool], None] | None = None
 
     @property
     def capacity_tokens(self) -> int:
@@ -104,6 +109,7 @@ class Engine:
                 f"({self.capacity_tokens} tokens)"
             )
         seq = Sequence(request, arrival=self._arrivals)
+        seq.extra["arrived_at"] = time.perf_counter()
         self._arrivals += 1
         self._prepare(seq, 0)
         self.sequences[request.request_id] = [seq]
@@ -148,22 +154,41 @@ class Engine:
 
     def step(self) -> list[TokenEvent]:
         """Run one step; returns the token events it produced."""
+        start = time.perf_counter()
         plan = self.scheduler.schedule()
         events = [
             self._fail(seq, "the request does not fit in the KV cache") for seq in plan.refused
         ]
         if not plan.chunks:
             return events
+        prefill = any(c.num_new > 1 or c.num_cached < c.seq.num_prompt_tokens for c in plan.chunks)
+        for chunk in plan.chunks:  # a request's queue time ends when it is first scheduled
+            chunk.seq.extra.setdefault(
+                "queue_time", start - chunk.seq.extra.get("arrived_at", start)
+            )
         try:
-            return events + self._run(plan.chunks)
+            events += self._run(plan.chunks)
         except Exception as exc:  # a failed step fails its requests, not the engine
             log.exception("step failed", requests=[c.seq.request_id for c in plan.chunks])
             failed = {c.seq.request_id: c.seq for c in plan.chunks}
-            return events + [
+            events += [
                 self._fail(seq, f"generation failed: {exc}")
                 for seq in failed.values()
                 if seq.request_id in self.sequences
             ]
+            self._observe_step(prefill, start, len(plan.chunks), ok=False)
+            return events
+        self._observe_step(prefill, start, len(plan.chunks), ok=True)
+        return events
+
+    def _observe_step(self, prefill: bool, start: float, batch_size: int, ok: bool) -> None:
+        if self.step_observer is None:
+            return
+        method = "prefill" if prefill else "decode"
+        try:
+            self.step_observer(method, time.perf_counter() - start, batch_size, ok)
+        except Exception:  # metrics never break a step
+            log.exception("step observer failed")
 
     def _run(self, chunks: list[ScheduledChunk]) -> list[TokenEvent]:
         """Forward, then sample and emit for the sequences whose pending tokens are done."""
@@ -283,6 +308,7 @@ class Engine:
             done=done,
             stop_sequence=detok.stopped_by if detok is not None else None,
             prompt_logprobs=prompt_logprobs,
+            queue_time=seq.extra.get("queue_time", 0.0) if seq.num_generated == 1 else 0.0,
         )
 
     def _retire(self, seq: Sequence) -> bool:

@@ -84,3 +84,4 @@ class TokenEvent(msgspec.Struct, frozen=True, kw_only=True):
     done: bool = False
     stop_sequence: str | None = None  # the stop sequence that ended the sample, if any
     prompt_logprobs: tuple[PromptToken, ...] | None = None
+    queue_time: float = 0.0  # seconds from arrival to first scheduling (first event only)

@@ -143,12 +143,22 @@ def compare_with_transformers(
     return Comparison(worst, [t[: decode_steps + 1] for t in tokens], reference_tokens)
 
 
-def train_tokenizer(path: str | Path, vocab_size: int = 320) -> Any:
+#: A Zephyr-style chat template, for test checkpoints that need one
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def train_tokenizer(
+    path: str | Path, vocab_size: int = 320, chat_template: str | None = None
+) -> Any:
     """Train a byte-level BPE tokenizer on Python's standard library sources; save it.
 
-    Writes ``tokenizer.json`` and ``tokenizer_config.json`` into ``path`` (a checkpoint
-    folder) and returns the transformers tokenizer. Special tokens: ``<s>`` (0),
-    ``</s>`` (1), ``<pad>`` (2).
+    Writes ``tokenizer.json`` and ``tokenizer_config.json`` (and the chat template, if
+    given, where transformers saves it) into ``path`` (a checkpoint folder) and returns
+    the transformers tokenizer. Special tokens: ``<s>`` (0), ``</s>`` (1), ``<pad>`` (2).
     """
     import os
 
@@ -172,6 +182,8 @@ def train_tokenizer(path: str | Path, vocab_size: int = 320) -> Any:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
+    if chat_template is not None:
+        fast.chat_template = chat_template
     fast.save_pretrained(str(path))
     return fast
 

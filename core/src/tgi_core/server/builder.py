@@ -8,6 +8,8 @@ from tgi_core.config import ResolvedConfig
 from tgi_core.errors import ConfigError
 from tgi_core.logging import get_logger
 from tgi_core.registry import Registry
+from tgi_core.server.chat_template import ChatTemplate, ChatTemplateError
+from tgi_core.server.metrics import ServerMetrics
 from tgi_core.server.state import ModelInfo, ServerState
 
 log = get_logger("tgi_core.server")
@@ -121,11 +123,39 @@ def build_state(resolved: ResolvedConfig, registry: Registry) -> ServerState:
         max_total_tokens=max_total,
         architecture=type(loaded.model).__name__,
         is_encoder_decoder=spec.kind == "seq2seq",
+        kv_tokens=capacity,
+        vocab_size=int(getattr(loaded.hf_config, "vocab_size", 0) or len(tokenizer)),
     )
     plugins = [
         {"name": p.name, "distribution": p.distribution, "version": p.version}
         for p in registry.plugins
     ]
-    return ServerState(
-        config=config, engine=AsyncEngine(engine), tokenizer=tokenizer, model=model, plugins=plugins
+    async_engine = AsyncEngine(engine)
+    metrics = ServerMetrics(
+        lambda: async_engine.stats,
+        max_input_tokens=max_input,
+        max_total_tokens=max_total,
+        kv_tokens=capacity,
     )
+    engine.step_observer = metrics.observe_step
+    return ServerState(
+        config=config,
+        engine=async_engine,
+        tokenizer=tokenizer,
+        model=model,
+        plugins=plugins,
+        chat_template=_chat_template(config.model_id, config.tokenizer_config_path, tokenizer),
+        metrics=metrics,
+    )
+
+
+def _chat_template(model_dir: str, override: str | None, tokenizer: Any) -> ChatTemplate | None:
+    try:
+        template = ChatTemplate.load(model_dir, override, tokenizer=tokenizer)
+    except ChatTemplateError as exc:
+        raise ConfigError(f"cannot load the chat template: {exc}") from None
+    if template is None:
+        log.warning("the model has no chat template; /v1/chat/completions will answer 422")
+    else:
+        log.info("chat template loaded", origin=template.origin)
+    return template

@@ -14,7 +14,22 @@ def register_frontends(register: Callable[[FrontendSpec], None]) -> None:
         FrontendSpec(
             name="tgi",
             factory="tgi_core.server.tgi_frontend:build",
-            routes=("/generate", "/generate_stream", "/", "/tokenize", "/v1/models"),
+            routes=(
+                "/generate",
+                "/generate_stream",
+                "/",
+                "/tokenize",
+                "/chat_tokenize",
+                "/v1/models",
+            ),
             description="TGI's native REST API",
+        )
+    )
+    register(
+        FrontendSpec(
+            name="openai",
+            factory="tgi_core.server.openai_frontend:build",
+            routes=("/v1/chat/completions", "/v1/completions"),
+            description="The OpenAI API: chat completions and completions",
         )
     )

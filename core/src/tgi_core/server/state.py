@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tgi_core.config import ServeConfig
 from tgi_core.engine.async_engine import AsyncEngine
 from tgi_core.server.errors import overloaded
+
+if TYPE_CHECKING:
+    from tgi_core.server.chat_template import ChatTemplate
+    from tgi_core.server.metrics import ServerMetrics
 
 
 @dataclass
@@ -24,26 +25,43 @@ class ModelInfo:
     architecture: str
     is_encoder_decoder: bool = False
     pipeline_tag: str | None = "text-generation"
+    kv_tokens: int = 0
+    vocab_size: int = 0
+
+
+class Slot:
+    """One of ``max_concurrent_requests`` admissions; ``release`` is idempotent."""
+
+    def __init__(self, state: ServerState) -> None:
+        self._state: ServerState | None = state
+
+    def release(self) -> None:
+        if self._state is not None:
+            self._state.in_flight -= 1
+            self._state = None
 
 
 @dataclass
 class ServerState:
-    """Shared by the app's routes; ``engine`` runs in its own thread."""
+    """Shared by the app's routes; ``engine`` runs in its own thread.
+
+    ``healthy`` is False until the warm-up generation succeeded, and again after a
+    generation failed, until a probe generation succeeds (``/health`` runs it).
+    """
 
     config: ServeConfig
     engine: AsyncEngine
     tokenizer: Any
     model: ModelInfo
     plugins: list[dict[str, str]] = field(default_factory=list)
-    healthy: bool = True
-    _slots: asyncio.Semaphore | None = None
+    chat_template: ChatTemplate | None = None
+    metrics: ServerMetrics | None = None
+    healthy: bool = False
+    in_flight: int = 0
 
-    @asynccontextmanager
-    async def admission(self) -> AsyncIterator[None]:
-        """Hold one of ``max_concurrent_requests`` slots, or fail at once with 429."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.config.max_concurrent_requests)
-        if self._slots.locked():
+    def admit(self) -> Slot:
+        """Take a request slot, or fail at once with 429 (TGI never queues past the limit)."""
+        if self.in_flight >= self.config.max_concurrent_requests:
             raise overloaded()
-        async with self._slots:
-            yield
+        self.in_flight += 1
+        return Slot(self)

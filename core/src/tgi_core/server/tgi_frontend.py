@@ -1,36 +1,44 @@
 """The TGI frontend (a built-in plugin): TGI's native REST API.
 
 ``POST /generate``, ``POST /generate_stream``, ``POST /`` (the ``text-generation``
-client's route: a JSON list, or SSE with ``"stream": true``), ``POST /tokenize`` and
-``GET /v1/models``, with TGI's parameters, defaults, bounds and verbatim validation
-messages (``../shared/reference/tgi-contract.md`` §1). One difference, documented: a
-request that fails validation gets its 422 before a stream starts, instead of TGI's
-in-band error event with status 200.
+client's route: a JSON list, or SSE with ``"stream": true``), ``POST /tokenize``,
+``POST /chat_tokenize`` and ``GET /v1/models``, with TGI's parameters, defaults, bounds
+and verbatim validation messages (``../shared/reference/tgi-contract.md`` §1). One
+difference, documented: a request that fails validation, or finds the server full, gets
+its 422 or 429 before a stream starts, instead of TGI's in-band error event with
+status 200.
 """
 
 from __future__ import annotations
 
 import random
-import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Response, get, post
+from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 from litestar.params import Body
 from litestar.response import Stream
 
 from tgi_core.context import FrontendContext
-from tgi_core.engine.engine import RequestError
 from tgi_core.engine.requests import (
     GenerateRequest,
     SamplingParams,
     StoppingParams,
     TokenEvent,
 )
-from tgi_core.server.errors import APIError, generation_error, validation_error
+from tgi_core.server.chat import render_prompt
+from tgi_core.server.errors import as_api_error, validation_error
+from tgi_core.server.generation import (
+    RequestTrace,
+    admitted_stream,
+    collect,
+    token_events,
+    traced,
+)
+from tgi_core.server.openai_schema import ChatCompletionRequest
 from tgi_core.server.state import ServerState
 
 
@@ -86,13 +94,18 @@ def validate(state: ServerState, body: TGIRequest, *, stream: bool) -> Validated
     config, p = state.config, body.parameters
     if p is None:  # TGI: no parameters at all means default_parameters(), which samples
         p = Parameters(do_sample=True)
-    if p.best_of is not None:
-        if p.best_of == 0 or p.best_of > config.max_best_of:
-            raise validation_error(
-                f"`best_of` must be > 0 and <= {config.max_best_of}. Given: {p.best_of}"
-            )
-        if p.best_of != 1:
-            raise validation_error("`best_of` != 1 is not allowed for this endpoint")
+    best_of = 1 if p.best_of is None else p.best_of
+    if best_of == 0 or best_of > config.max_best_of:
+        raise validation_error(
+            f"`best_of` must be > 0 and <= {config.max_best_of}. Given: {p.best_of}"
+        )
+    if best_of > 1:
+        if not _sampling_requested(p):
+            raise validation_error("you must use sampling when `best_of` is > 1")
+        if p.seed is not None:
+            raise validation_error("`seed` must not be set when `best_of` > 1")
+        if stream:
+            raise validation_error("`best_of` != 1 is not supported when streaming tokens")
     if p.temperature is not None and not p.temperature > 0:
         raise validation_error("`temperature` must be strictly positive")
     if p.repetition_penalty is not None and not p.repetition_penalty > 0:
@@ -167,6 +180,7 @@ def validate(state: ServerState, body: TGIRequest, *, stream: bool) -> Validated
         ),
         stopping=StoppingParams(max_new_tokens=max_new, stop=tuple(p.stop)),
         prompt_logprobs=p.decoder_input_details and state.config.enable_prefill_logprobs,
+        n=best_of,
     )
     return Validated(request, prompt_ids, p, sampling)
 
@@ -188,17 +202,6 @@ def _top_tokens(event: TokenEvent) -> list[dict[str, Any]]:
     ]
 
 
-async def _events(state: ServerState, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
-    try:
-        async for event in state.engine.generate(request):
-            if event.error is not None:
-                state.healthy = False
-                raise generation_error(event.error)
-            yield event
-    except RequestError as exc:
-        raise validation_error(str(exc)) from None
-
-
 def _generated_text(v: Validated, body: TGIRequest, text: str, last: TokenEvent) -> str:
     if last.stop_sequence is not None:
         text += last.stop_sequence  # TGI keeps the stop sequence in the output
@@ -207,29 +210,48 @@ def _generated_text(v: Validated, body: TGIRequest, text: str, last: TokenEvent)
     return text
 
 
-async def generate_response(state: ServerState, body: TGIRequest) -> dict[str, Any]:
-    """``/generate``: the whole generation as one JSON object."""
-    v = validate(state, body, stream=False)
-    start = time.perf_counter()
-    async with state.admission():
-        events = [event async for event in _events(state, v.request)]
-    last, text = events[-1], "".join(e.text for e in events)
-    result: dict[str, Any] = {"generated_text": _generated_text(v, body, text, last)}
+def _sequence(
+    state: ServerState, v: Validated, body: TGIRequest, events: list[TokenEvent], prefill: Any
+) -> dict[str, Any]:
+    """One sample as TGI's ``details`` (also the shape of a ``best_of_sequences`` item)."""
+    last = events[-1]
+    sequence: dict[str, Any] = {
+        "generated_text": _generated_text(v, body, "".join(e.text for e in events), last),
+        "finish_reason": last.finish_reason,
+        "generated_tokens": last.generated_tokens,
+        "seed": last.seed if v.sampling else None,
+        "prefill": prefill,
+        "tokens": [_token(state, e) for e in events],
+    }
+    if v.request.sampling.top_n_tokens:
+        sequence["top_tokens"] = [_top_tokens(e) for e in events]
+    return sequence
+
+
+def _mean_logprob(events: list[TokenEvent]) -> float:
+    return sum(e.logprob for e in events) / max(1, len(events))
+
+
+def response_body(
+    state: ServerState, v: Validated, body: TGIRequest, events: list[TokenEvent]
+) -> dict[str, Any]:
+    """``/generate``'s JSON; with ``best_of``, the sample with the best mean logprob wins."""
+    samples: list[list[TokenEvent]] = [[] for _ in range(v.request.n)]
+    for event in events:
+        samples[event.index].append(event)
+    prefill = [
+        {"id": t.id, "text": state.tokenizer.decode([t.id]), "logprob": t.logprob}
+        for t in (events[0].prompt_logprobs or ())
+    ]
+    ranked = sorted(samples, key=_mean_logprob, reverse=True)
+    best = _sequence(state, v, body, ranked[0], prefill)
+    result: dict[str, Any] = {"generated_text": best.pop("generated_text")}
     if v.params.details or v.params.decoder_input_details:
-        details: dict[str, Any] = {
-            "finish_reason": last.finish_reason,
-            "generated_tokens": last.generated_tokens,
-            "seed": v.request.sampling.seed if v.sampling else None,
-            "prefill": [
-                {"id": t.id, "text": state.tokenizer.decode([t.id]), "logprob": t.logprob}
-                for t in (events[0].prompt_logprobs or ())
-            ],
-            "tokens": [_token(state, e) for e in events],
-        }
-        if v.request.sampling.top_n_tokens:
-            details["top_tokens"] = [_top_tokens(e) for e in events]
-        result["details"] = details
-    result["_timing"] = time.perf_counter() - start
+        if len(ranked) > 1:
+            best["best_of_sequences"] = [
+                _sequence(state, v, body, sample, prefill) for sample in ranked[1:]
+            ]
+        result["details"] = best
     return result
 
 
@@ -237,50 +259,82 @@ def _sse(payload: dict[str, Any]) -> bytes:
     return b"data:" + msgspec.json.encode(payload) + b"\n\n"
 
 
-async def stream_events(state: ServerState, body: TGIRequest, v: Validated) -> AsyncIterator[bytes]:
+async def stream_events(
+    state: ServerState, body: TGIRequest, v: Validated, trace: RequestTrace
+) -> AsyncIterator[bytes]:
     """TGI's SSE: one ``data:{json}`` event per token, the last with the full text."""
     text = ""
     try:
-        async with state.admission():
-            index = 0
-            async for event in _events(state, v.request):
-                index += 1
-                text += event.text
-                last = event.finish_reason is not None
-                payload: dict[str, Any] = {
-                    "index": index,
-                    "token": _token(state, event),
+        index = 0
+        async for event in token_events(state, v.request):
+            trace.observe(event)
+            index += 1
+            text += event.text
+            last = event.finish_reason is not None
+            payload: dict[str, Any] = {"index": index, "token": _token(state, event)}
+            if v.request.sampling.top_n_tokens:
+                payload["top_tokens"] = _top_tokens(event)
+            payload["generated_text"] = _generated_text(v, body, text, event) if last else None
+            payload["details"] = None
+            if last and v.params.details:
+                payload["details"] = {
+                    "finish_reason": event.finish_reason,
+                    "generated_tokens": event.generated_tokens,
+                    "seed": event.seed if v.sampling else None,
+                    "input_length": len(v.prompt_ids),
                 }
-                if v.request.sampling.top_n_tokens:
-                    payload["top_tokens"] = _top_tokens(event)
-                payload["generated_text"] = _generated_text(v, body, text, event) if last else None
-                payload["details"] = None
-                if last and v.params.details:
-                    payload["details"] = {
-                        "finish_reason": event.finish_reason,
-                        "generated_tokens": event.generated_tokens,
-                        "seed": v.request.sampling.seed if v.sampling else None,
-                        "input_length": len(v.prompt_ids),
-                    }
-                yield _sse(payload)
-    except APIError as exc:  # errors after the stream started go in-band, as in TGI
-        yield _sse(exc.body())
+            yield _sse(payload)
+        trace.succeeded()
+    except Exception as exc:  # errors after the stream started go in-band, as in TGI
+        trace.failed(exc)
+        yield _sse(as_api_error(exc).body())
 
 
-def _stream_response(state: ServerState, body: TGIRequest) -> Stream:
-    v = validate(state, body, stream=True)
-    return Stream(
-        stream_events(state, body, v),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+async def _generate(
+    state: ServerState, body: TGIRequest, http_request: Request[Any, Any, Any], route: str
+) -> Response[dict[str, Any]]:
+    trace = RequestTrace(state, route)
+
+    async def run() -> Response[dict[str, Any]]:
+        v = validate(state, body, stream=False)
+        trace.validated(v.request.request_id, len(v.prompt_ids), v.request.stopping.max_new_tokens)
+        slot = state.admit()
+        try:
+            (events,) = await collect(state, [v.request], http_request)
+        finally:
+            slot.release()
+        for event in events:
+            trace.observe(event)
+        result = response_body(state, v, body, events)
+        return Response(result, headers=trace.succeeded())
+
+    return await traced(trace, run)
 
 
-def _timed(result: dict[str, Any]) -> Response[dict[str, Any]]:
-    seconds = result.pop("_timing")
-    return Response(
-        result, headers={"x-compute-type": "cpu", "x-total-time": str(int(seconds * 1000))}
-    )
+async def _stream(state: ServerState, body: TGIRequest, route: str) -> Stream:
+    trace = RequestTrace(state, route)
+
+    async def run() -> Stream:
+        v = validate(state, body, stream=True)
+        trace.validated(v.request.request_id, len(v.prompt_ids), v.request.stopping.max_new_tokens)
+        slot = state.admit()  # a 429 comes before the stream starts
+        return Stream(
+            admitted_stream(slot, stream_events(state, body, v, trace)),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    return await traced(trace, run)
+
+
+def _compat_body(state: ServerState, data: TGIRequest) -> TGIRequest:
+    """On ``/``, ``return_full_text`` defaults to the text-generation pipeline (TGI)."""
+    parameters = data.parameters
+    if parameters is not None and parameters.return_full_text is None:
+        full = state.model.pipeline_tag in (None, "text-generation")
+        parameters = msgspec.structs.replace(parameters, return_full_text=full)
+        data = msgspec.structs.replace(data, parameters=parameters)
+    return data
 
 
 def build(ctx: FrontendContext) -> list[HTTPRouteHandler]:
@@ -288,41 +342,38 @@ def build(ctx: FrontendContext) -> list[HTTPRouteHandler]:
     state: ServerState = ctx.engine
 
     @post("/generate", status_code=200, summary="Generate tokens")
-    async def generate(data: Annotated[TGIRequest, Body()]) -> Response[dict[str, Any]]:
-        return _timed(await generate_response(state, data))
+    async def generate(
+        data: Annotated[TGIRequest, Body()], request: Request[Any, Any, Any]
+    ) -> Response[dict[str, Any]]:
+        return await _generate(state, data, request, "/generate")
 
     @post("/generate_stream", status_code=200, summary="Generate a stream of tokens (SSE)")
     async def generate_stream(data: Annotated[TGIRequest, Body()]) -> Stream:
-        return _stream_response(state, data)
+        return await _stream(state, data, "/generate_stream")
 
     @post("/", status_code=200, summary="Generate (the text-generation client's route)")
     async def compat_generate(
-        data: Annotated[TGIRequest, Body()],
+        data: Annotated[TGIRequest, Body()], request: Request[Any, Any, Any]
     ) -> Response[list[dict[str, Any]]] | Stream:
-        parameters = data.parameters
-        if parameters is not None and parameters.return_full_text is None:
-            # TGI: on `/`, return_full_text defaults to the text-generation pipeline
-            full = state.model.pipeline_tag in (None, "text-generation")
-            data = msgspec.structs.replace(
-                data, parameters=msgspec.structs.replace(parameters, return_full_text=full)
-            )
+        data = _compat_body(state, data)
         if data.stream:
-            return _stream_response(state, data)
-        result = await generate_response(state, data)
-        response = _timed(result)
+            return await _stream(state, data, "/")
+        response = await _generate(state, data, request, "/")
         return Response([response.content], headers=response.headers)
 
     @post("/tokenize", status_code=200, summary="Tokenize inputs")
     async def tokenize(data: Annotated[TGIRequest, Body()]) -> list[dict[str, Any]]:
         if not data.inputs:
             raise validation_error("`inputs` cannot be empty")
-        encoding = state.tokenizer(data.inputs, return_offsets_mapping=True)
-        return [
-            {"id": token, "text": data.inputs[start:stop], "start": start, "stop": stop}
-            for token, (start, stop) in zip(
-                encoding["input_ids"], encoding["offset_mapping"], strict=True
-            )
-        ]
+        return _simple_tokens(state, data.inputs, special=True)
+
+    @post("/chat_tokenize", status_code=200, summary="Apply the chat template and tokenize")
+    async def chat_tokenize(data: Annotated[ChatCompletionRequest, Body()]) -> dict[str, Any]:
+        text = render_prompt(state, data.messages)
+        return {
+            "tokenize_response": _simple_tokens(state, text, special=False),
+            "templated_text": text,
+        }
 
     @get("/v1/models", summary="The model served")
     async def models() -> dict[str, Any]:
@@ -332,4 +383,18 @@ def build(ctx: FrontendContext) -> list[HTTPRouteHandler]:
             "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": model_id}],
         }
 
-    return [generate, generate_stream, compat_generate, tokenize, models]
+    return [generate, generate_stream, compat_generate, tokenize, chat_tokenize, models]
+
+
+def _simple_tokens(state: ServerState, text: str, *, special: bool) -> list[dict[str, Any]]:
+    """TGI's ``SimpleToken`` list: each id with the span of ``text`` it covers."""
+    try:
+        encoding = state.tokenizer(text, return_offsets_mapping=True, add_special_tokens=special)
+    except Exception as exc:
+        raise validation_error(f"`inputs` cannot be tokenized: {exc}") from None
+    return [
+        {"id": token, "text": text[start:stop], "start": start, "stop": stop}
+        for token, (start, stop) in zip(
+            encoding["input_ids"], encoding["offset_mapping"], strict=True
+        )
+    ]
