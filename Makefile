@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH := torch==2.13.0
+TEXT_GENERATION := text-generation==0.7.0
 # Every distribution in the repo: the core and each plugin folder with a pyproject.toml.
 DISTRIBUTIONS := core $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/*/pyproject.toml))
 STAMP := $(VENV)/.installed
@@ -20,6 +21,8 @@ $(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(DISTRIBUTIONS)) Makefile
 	@echo "installing $(TORCH) and $(DISTRIBUTIONS) into $(VENV)"
 	@$(PIP) install -q --progress-bar off $(TORCH)
 	@$(PIP) install -q --progress-bar off $(foreach d,$(DISTRIBUTIONS),-e '$(d)[test]')
+	@# TGI's own client pins huggingface-hub<1, which transformers 5 outgrew: no deps
+	@$(PIP) install -q --progress-bar off --no-deps $(TEXT_GENERATION)
 	@touch $(STAMP)
 
 ## serve: start the server with default settings (port 8080)

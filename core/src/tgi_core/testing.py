@@ -6,13 +6,15 @@
   (modules or instances with ``@tgi_core.hookimpl`` methods), to test hooks in
   isolation: ``tgi_registry_with(my_plugin, installed=False)``.
 
+And :func:`build_test_app`, the whole server app for a checkpoint folder, in-process.
+
 Nothing heavy is imported until a fixture is used.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -52,3 +54,19 @@ def tgi_registry_with() -> Callable[..., Registry]:
         return Registry.build(make_plugin_manager(environ=environ, extra_plugins=extra))
 
     return build
+
+
+def build_test_app(model_dir: str, environ: dict[str, str] | None = None, **options: str) -> Any:
+    """The server's Litestar app for ``model_dir``, built in-process as ``tgi-core serve``
+    would (``options`` are ``serve`` options by field name, as strings). Use it with
+    ``litestar.testing.TestClient(app)``, whose lifespan starts and warms the engine."""
+    from tgi_core.config import load_config
+    from tgi_core.plugins import make_plugin_manager
+    from tgi_core.registry import Registry
+    from tgi_core.server.app import build_app
+    from tgi_core.server.builder import build_state
+
+    resolved = load_config(cli={"model_id": model_dir, **options}, environ={})
+    registry = Registry.build(make_plugin_manager(environ=environ))
+    resolved = resolved.with_registry(registry)
+    return build_app(build_state(resolved, registry), registry, resolved.plugin_sections)

@@ -17,6 +17,7 @@ import msgspec
 from litestar import Litestar, Request, Response, get
 from litestar.config.cors import CORSConfig
 from litestar.connection import ASGIConnection
+from litestar.datastructures import State
 from litestar.handlers import BaseRouteHandler, HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
@@ -156,7 +157,10 @@ def build_app(
     registry: Registry,
     plugin_sections: Mapping[str, msgspec.Struct] | None = None,
 ) -> Litestar:
-    """The app; its lifespan starts the engine, warms it up, and stops it."""
+    """The app; its lifespan starts the engine, warms it up, and stops it.
+
+    ``app.state.tgi`` is ``state``, for tests and middleware.
+    """
     ctx = FrontendContext(
         state.config, plugin_sections or {}, engine=state, tokenizer=state.tokenizer
     )
@@ -212,4 +216,5 @@ def build_app(
             render_plugins=[SwaggerRenderPlugin(path="/")],
         ),
         logging_config=None,
+        state=State({"tgi": state}),
     )
