@@ -63,6 +63,10 @@ class APIError(Exception):
         }
 
 
+class ClientDisconnected(Exception):
+    """The client went away before its response was ready (answered 499, to nobody)."""
+
+
 def validation_error(message: str, param: str | None = None) -> APIError:
     """TGI's 422: ``Input validation error: <message>``."""
     return APIError(422, f"Input validation error: {message}", "validation", param)
@@ -89,6 +93,8 @@ def as_api_error(exc: Exception) -> APIError:
     """Any exception a request can raise, as an APIError (a 500 only for our own bugs)."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, ClientDisconnected):
+        return APIError(499, "the client closed the request", "dropped")
     if isinstance(exc, ValidationException):
         # malformed fields and wrong types: 422 that says which field
         detail = str(exc.detail)
@@ -119,7 +125,12 @@ def exception_handlers(render: Render) -> dict[Any, Any]:
         error = as_api_error(exc)
         return Response(render(error), status_code=error.status)
 
-    return {APIError: handle, ValidationException: handle, HTTPException: handle}
+    return {
+        APIError: handle,
+        ClientDisconnected: handle,
+        ValidationException: handle,
+        HTTPException: handle,
+    }
 
 
 def _tgi_body(error: APIError) -> dict[str, Any]:

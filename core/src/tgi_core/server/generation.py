@@ -24,15 +24,16 @@ from litestar import Request
 from tgi_core.engine.engine import RequestError
 from tgi_core.engine.requests import GenerateRequest, TokenEvent
 from tgi_core.logging import get_logger
-from tgi_core.server.errors import APIError, generation_error, validation_error
+from tgi_core.server.errors import (
+    APIError,
+    ClientDisconnected,
+    generation_error,
+    validation_error,
+)
 from tgi_core.server.state import ServerState, Slot
 
 log = get_logger("tgi_core.server.requests")
 T = TypeVar("T")
-
-
-class ClientDisconnected(Exception):
-    """The client went away before its response was ready."""
 
 
 async def token_events(state: ServerState, request: GenerateRequest) -> AsyncIterator[TokenEvent]:

@@ -367,6 +367,9 @@ class ChatCall:
         except Exception as exc:  # after the stream started, errors go in-band
             trace.failed(exc)
             yield _sse(as_api_error(exc).openai_body())
+        except BaseException as exc:  # cancelled: the client went away
+            trace.failed(exc)
+            raise
         yield DONE
 
 
@@ -555,6 +558,9 @@ class CompletionCall:
         except Exception as exc:
             trace.failed(exc)
             yield _sse(as_api_error(exc).openai_body())
+        except BaseException as exc:  # cancelled: the client went away
+            trace.failed(exc)
+            raise
         yield DONE
 
 

@@ -288,6 +288,9 @@ async def stream_events(
     except Exception as exc:  # errors after the stream started go in-band, as in TGI
         trace.failed(exc)
         yield _sse(as_api_error(exc).body())
+    except BaseException as exc:  # cancelled: the client went away
+        trace.failed(exc)
+        raise
 
 
 async def _generate(
