@@ -275,6 +275,13 @@ def test_stop_sequence_ends_with_stop_and_is_cut(client) -> None:
             "messages[0].content",
             "image_url parts are not supported",
         ),
+        (
+            "chat",
+            {"messages": [{"role": "user"}]},
+            "messages[0].content",
+            "`messages[0].content` is required",
+        ),
+        ("completions", {"prompt": "x " * 300}, "prompt", "must have less than 255 tokens"),
         ("completions", {"suffix": "x"}, "suffix", "Suffix is not supported"),
         ("completions", {"prompt": ["a"] * 5}, "prompt", "maximum allowed batch size of 4"),
         ("completions", {"prompt": [5, 999]}, "prompt", "token ids must be >= 0 and < 320"),

@@ -53,6 +53,10 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         raise validation_error("`messages` cannot be empty", "messages")
     result = []
     for position, message in enumerate(messages):
+        if message.content is None and not message.tool_calls:
+            raise validation_error(
+                f"`messages[{position}].content` is required", f"messages[{position}].content"
+            )
         item: dict[str, Any] = {"role": message.role, "content": _text(message.content, position)}
         if message.name is not None:
             item["name"] = message.name

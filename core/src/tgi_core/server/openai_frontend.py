@@ -145,16 +145,22 @@ def plan_sampling(
 
 
 def engine_request(
-    state: ServerState, plan: Plan, prompt_ids: list[int], *, prompt_logprobs: bool = False
+    state: ServerState,
+    plan: Plan,
+    prompt_ids: list[int],
+    *,
+    prompt_logprobs: bool = False,
+    prompt_field: str = "prompt",
 ) -> GenerateRequest:
-    """The engine request for one prompt; checks the prompt against the context limits."""
+    """The engine request for one prompt; checks the prompt against the context limits
+    (``prompt_field`` names the request field an error points at)."""
     max_input, max_total = state.model.max_input_tokens, state.model.max_total_tokens
     if not prompt_ids:
-        raise validation_error("the prompt cannot be empty", "prompt")
+        raise validation_error("the prompt cannot be empty", prompt_field)
     if len(prompt_ids) > max_input:
         raise validation_error(
             f"`inputs` must have less than {max_input} tokens. Given: {len(prompt_ids)}",
-            "messages",
+            prompt_field,
         )
     max_new = plan.max_tokens if plan.max_tokens is not None else max_total - len(prompt_ids)
     if len(prompt_ids) + max_new > max_total:
@@ -299,7 +305,7 @@ class ChatCall:
         self.plan = plan_sampling(state, body, top_n=top, best_of=None)
         prompt = render_prompt(state, body.messages)
         self.prompt_ids = _encode(state, prompt, special=False)
-        self.request = engine_request(state, self.plan, self.prompt_ids)
+        self.request = engine_request(state, self.plan, self.prompt_ids, prompt_field="messages")
         self.id = f"chatcmpl-{self.request.request_id}"
         self.model = state.model.model_id
         trace.validated(
