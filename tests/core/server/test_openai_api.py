@@ -215,7 +215,8 @@ def test_chat_logprobs_and_top_logprobs(client) -> None:
         assert entry["logprob"] <= 0
         # greedy: the chosen token is the most likely one
         assert entry["logprob"] == pytest.approx(max(t["logprob"] for t in entry["top_logprobs"]))
-        assert entry["bytes"] == list(entry["token"].encode())
+        if "\ufffd" not in entry["token"]:  # (a partial character keeps its own bytes)
+            assert entry["bytes"] == list(entry["token"].encode())
 
 
 def test_completions_echo_and_prompt_logprobs(client, reference) -> None:

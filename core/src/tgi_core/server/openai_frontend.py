@@ -49,6 +49,7 @@ from tgi_core.server.openai_schema import (
     SamplingFields,
 )
 from tgi_core.server.state import ServerState, Slot
+from tgi_core.server.token_bytes import TokenBytes
 
 #: OpenAI's limits
 MAX_N = 128
@@ -247,18 +248,19 @@ def _best(choices: list[Choice], n: int) -> list[Choice]:
 # -- chat ---------------------------------------------------------------------------------
 
 
-def _chat_logprobs(state: ServerState, event: TokenEvent, wanted: bool) -> dict[str, Any] | None:
+def _chat_logprobs(
+    state: ServerState, token_bytes: TokenBytes, event: TokenEvent, wanted: bool
+) -> dict[str, Any] | None:
     if not wanted:
         return None
-    token = _token_text(state, event.token_id)
     return {
         "content": [
             {
-                "token": token,
+                "token": _token_text(state, event.token_id),
                 "logprob": event.logprob,
-                "bytes": list(token.encode("utf-8", "replace")),
+                "bytes": list(token_bytes(event.token_id)),
                 "top_logprobs": [
-                    {"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode())}
+                    {"token": t.text, "logprob": t.logprob, "bytes": list(token_bytes(t.id))}
                     for t in event.top_tokens
                 ],
             }
@@ -299,8 +301,14 @@ def _check_chat_fields(body: ChatCompletionRequest) -> int:
 class ChatCall:
     """One ``/v1/chat/completions`` request, validated."""
 
-    def __init__(self, state: ServerState, body: ChatCompletionRequest, trace: RequestTrace):
-        self.state, self.body = state, body
+    def __init__(
+        self,
+        state: ServerState,
+        body: ChatCompletionRequest,
+        trace: RequestTrace,
+        token_bytes: TokenBytes,
+    ):
+        self.state, self.body, self.token_bytes = state, body, token_bytes
         top = _check_chat_fields(body)
         self.plan = plan_sampling(state, body, top_n=top, best_of=None)
         prompt = render_prompt(state, body.messages)
@@ -333,7 +341,9 @@ class ChatCall:
                     "content": [
                         entry
                         for e in c.events
-                        for entry in (_chat_logprobs(self.state, e, True) or {})["content"]
+                        for entry in (_chat_logprobs(self.state, self.token_bytes, e, True) or {})[
+                            "content"
+                        ]
                     ]
                 }
                 if logprobs
@@ -357,7 +367,9 @@ class ChatCall:
                     {
                         "index": event.index,
                         "delta": {"role": "assistant", "content": event.text},
-                        "logprobs": _chat_logprobs(self.state, event, bool(self.body.logprobs)),
+                        "logprobs": _chat_logprobs(
+                            self.state, self.token_bytes, event, bool(self.body.logprobs)
+                        ),
                         "finish_reason": FINISH_REASONS.get(event.finish_reason or ""),
                     }
                 ]
@@ -430,8 +442,14 @@ def _prompts(state: ServerState, prompt: str | list[Any]) -> list[tuple[str | No
 class CompletionCall:
     """One ``/v1/completions`` request (one or more prompts), validated."""
 
-    def __init__(self, state: ServerState, body: CompletionRequest, trace: RequestTrace):
-        self.state, self.body = state, body
+    def __init__(
+        self,
+        state: ServerState,
+        body: CompletionRequest,
+        trace: RequestTrace,
+        token_bytes: TokenBytes,
+    ):
+        self.state, self.body, self.token_bytes = state, body, token_bytes
         if body.suffix is not None:
             raise APIError(
                 422,
@@ -478,7 +496,7 @@ class CompletionCall:
         return str(self.state.tokenizer.decode(ids, skip_special_tokens=False))
 
     def _prompt_logprobs(self, position: int, first: TokenEvent | None) -> LogprobsBuilder:
-        builder = LogprobsBuilder(self.state)
+        builder = LogprobsBuilder(self.state, self.token_bytes)
         if first is not None and first.prompt_logprobs is not None:
             for token in first.prompt_logprobs:
                 builder.add(token.id, token.logprob, ())
@@ -498,7 +516,7 @@ class CompletionCall:
                     builder = (
                         self._prompt_logprobs(position, events[0] if events else None)
                         if self.body.echo
-                        else LogprobsBuilder(self.state)
+                        else LogprobsBuilder(self.state, self.token_bytes)
                     )
                     for e in choice.events:
                         builder.add(e.token_id, e.logprob, e.top_tokens)
@@ -539,7 +557,7 @@ class CompletionCall:
                     builder = (
                         self._prompt_logprobs(position, prompt_logprobs.get(position))
                         if first and self.body.echo
-                        else LogprobsBuilder(self.state)
+                        else LogprobsBuilder(self.state, self.token_bytes)
                     )
                     builder.add(event.token_id, event.logprob, event.top_tokens)
                     logprobs = builder.result()
@@ -571,15 +589,17 @@ class CompletionCall:
 
 
 class LogprobsBuilder:
-    """OpenAI's completions ``logprobs``: tokens, their logprobs, top alternatives, offsets."""
+    """OpenAI's completions ``logprobs``: tokens, their logprobs, top alternatives, and
+    each token's character offset in the text (a character split across tokens starts at
+    the offset of its first token)."""
 
-    def __init__(self, state: ServerState) -> None:
-        self.state = state
+    def __init__(self, state: ServerState, token_bytes: TokenBytes) -> None:
+        self.state, self.token_bytes = state, token_bytes
         self.tokens: list[str] = []
         self.token_logprobs: list[float | None] = []
         self.top_logprobs: list[dict[str, float] | None] = []
         self.text_offset: list[int] = []
-        self._offset = 0
+        self._bytes = b""
 
     def add(self, token_id: int, logprob: float | None, top: Sequence[Any]) -> None:
         token = _token_text(self.state, token_id)
@@ -590,8 +610,8 @@ class LogprobsBuilder:
         else:
             alternatives = {t.text: t.logprob for t in top} if top else {token: logprob}
             self.top_logprobs.append(alternatives)
-        self.text_offset.append(self._offset)
-        self._offset += len(token)
+        self.text_offset.append(len(self._bytes.decode("utf-8", "ignore")))
+        self._bytes += self.token_bytes(token_id)
 
     def result(self) -> dict[str, Any]:
         return {
@@ -616,6 +636,7 @@ def _sse_response(slot: Slot, body: AsyncIterator[bytes]) -> Stream:
 def build(ctx: FrontendContext) -> list[HTTPRouteHandler]:
     """The OpenAI frontend's routes; ``ctx.engine`` is the server's :class:`ServerState`."""
     state: ServerState = ctx.engine
+    token_bytes = TokenBytes(state.tokenizer)
 
     @post(
         "/v1/chat/completions",
@@ -629,7 +650,7 @@ def build(ctx: FrontendContext) -> list[HTTPRouteHandler]:
         trace = RequestTrace(state, "/v1/chat/completions")
 
         async def run() -> Response[dict[str, Any]] | Stream:
-            call = ChatCall(state, data, trace)
+            call = ChatCall(state, data, trace, token_bytes)
             slot = state.admit()
             if data.stream:
                 return _sse_response(slot, call.stream(trace))
@@ -655,7 +676,7 @@ def build(ctx: FrontendContext) -> list[HTTPRouteHandler]:
         trace = RequestTrace(state, "/v1/completions")
 
         async def run() -> Response[dict[str, Any]] | Stream:
-            call = CompletionCall(state, data, trace)
+            call = CompletionCall(state, data, trace, token_bytes)
             slot = state.admit()
             if data.stream:
                 return _sse_response(slot, call.stream(trace))
