@@ -234,8 +234,16 @@ def test_metrics_move_with_traffic(client) -> None:
     assert after[steps] >= before.get(steps, 0) + 3
     assert after[("tgi_kv_blocks_total", ())] == 4096 // 16
     assert after[("tgi_batch_max_total_tokens", ())] == 4096
-    text = client.get("/metrics").text
-    assert "\ntgi_request_count " in text  # TGI's plain counter names, no _total
+    response = client.get("/metrics")
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert "\ntgi_request_count " in response.text  # TGI's plain counter names, no _total
+
+
+def test_wrong_method_is_405_with_allow(client) -> None:
+    response = client.put("/generate", json=GENERATE)
+    assert response.status_code == 405
+    assert response.json()["error_type"] == "method_not_allowed"
+    assert "POST" in response.headers["allow"]
 
 
 def test_timing_headers_and_one_log_line_per_request(client) -> None:

@@ -107,8 +107,9 @@ def _core_routes(state: ServerState) -> list[HTTPRouteHandler]:
     def metrics() -> Response[bytes]:
         if state.metrics is None:
             return Response(b"", media_type="text/plain")
-        body, content_type = state.metrics.render()
-        return Response(body, media_type=content_type)
+        body, _ = state.metrics.render()
+        # Litestar appends the charset itself
+        return Response(body, media_type="text/plain; version=0.0.4")
 
     return [health, info, metrics]
 

@@ -123,7 +123,8 @@ def exception_handlers(render: Render) -> dict[Any, Any]:
 
     def handle(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
         error = as_api_error(exc)
-        return Response(render(error), status_code=error.status)
+        headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
+        return Response(render(error), status_code=error.status, headers=headers)
 
     return {
         APIError: handle,
