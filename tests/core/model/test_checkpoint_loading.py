@@ -19,7 +19,7 @@ from tgi_core.model.convert import convert_checkpoint
 from tgi_core.model.fixtures import compare_with_transformers, save_checkpoint
 from tgi_core.model.loader import load_model
 from tgi_core.model.parallel import ParallelContext
-from tgi_core.specs import ModelSpec
+from tgi_core.specs import AttentionBackendSpec, ModelSpec
 
 CONFIG = dict(
     vocab_size=64,
@@ -258,21 +258,29 @@ def test_backend_that_lacks_a_feature_is_refused(tgi_registry_with) -> None:
                 )
             )
 
+        @tgi_core.hookimpl
+        def register_attention_backends(self, register):
+            register(
+                AttentionBackendSpec(
+                    name="minimal",
+                    factory="os:getcwd",
+                    features=frozenset({"causal", "paged_kv"}),
+                    priority=100,
+                )
+            )
+
     registry = tgi_registry_with(NeedsRelativeBias())
     spec = registry.models["needy"]
     with pytest.raises(
         ConfigError,
-        match=r"attention backend 'sdpa' \(tgi-core\) cannot serve "
+        match=r"attention backend 'minimal' \(local\) cannot serve "
         r"model 'needy' \(local\): it lacks relative_bias",
     ):
-        select_backend(spec, registry, "sdpa")
-    with pytest.raises(
-        ConfigError,
-        match=r"no installed attention backend can serve model "
-        r"'needy' .*sdpa lacks relative_bias",
-    ):
-        select_backend(spec, registry)
-    assert select_backend(registry.models["llama"], registry).name == "sdpa"
+        select_backend(spec, registry, "minimal")
+    # by default, the best backend that has every feature the model needs
+    assert select_backend(spec, registry).name == "sdpa"
+    # ... and for a model that needs less, the highest priority one
+    assert select_backend(registry.models["llama"], registry).name == "minimal"
     assert select_backend(registry.models["llama"], registry, "reference").name == "reference"
 
 

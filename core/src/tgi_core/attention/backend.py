@@ -38,15 +38,21 @@ class AttentionBackend(ABC):
         self,
         layer: Attention,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         batch: ForwardBatch,
     ) -> torch.Tensor:
         """Write ``k``/``v`` ``[T, Hkv, D]`` to the cache and attend with ``q`` ``[T, H, D]``.
 
         Returns ``[T, H * D]`` in ``q``'s dtype. Each query at position ``p`` of its
         sequence sees keys at positions ``<= p`` of the same sequence (and, with a
-        sliding window ``w``, only those ``> p - w``); ALiBi adds ``slope * key_pos``.
+        sliding window ``w``, only those ``> p - w``); ALiBi adds ``slope * key_pos``,
+        a relative position bias adds ``bias(key_pos - p)``. By ``layer.kind``:
+        an ``"encoder"`` layer's q/k/v are the step's packed sources
+        (``batch.encoder``), each attending to all of itself, nothing cached; a
+        ``"cross"`` layer gets no k/v and attends to its sequence's ``encoder_len``
+        source keys in the cache. A backend without the features ``relative_bias`` and
+        ``cross_attention`` may ignore both (models needing them are refused).
         """
 
 

@@ -7,7 +7,18 @@ from collections.abc import Callable
 from tgi_core.hookspecs import hookimpl
 from tgi_core.specs import AttentionBackendSpec
 
-_FEATURES = frozenset({"causal", "paged_kv", "prefix_caching", "sliding_window", "alibi", "gqa"})
+_FEATURES = frozenset(
+    {
+        "causal",
+        "paged_kv",
+        "prefix_caching",
+        "sliding_window",
+        "alibi",
+        "gqa",
+        "relative_bias",
+        "cross_attention",
+    }
+)
 
 
 @hookimpl

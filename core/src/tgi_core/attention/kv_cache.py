@@ -3,6 +3,11 @@
 Slot ``s`` holds one token's keys (or values) for every KV head of the layer: the
 tensors have shape ``[num_blocks * block_size, num_kv_heads, head_dim]`` and block
 ``b`` owns slots ``[b * block_size, (b + 1) * block_size)``.
+
+Encoder-decoder models keep two kinds of layers here: decoder self-attention (slot
+``p`` of a sequence holds its decoder token ``p``) and cross-attention (slot ``p`` holds
+its source token ``p``), so a sequence's blocks cover the longer of the two. Encoder
+layers have no cache.
 """
 
 from __future__ import annotations
@@ -35,9 +40,9 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ) -> KVCache:
-        """Allocate zeroed caches for ``layers`` and number them in order."""
+        """Allocate zeroed caches for the cached ``layers`` and number them in order."""
         keys, values = [], []
-        for index, layer in enumerate(layers):
+        for index, layer in enumerate(layer for layer in layers if layer.cached):
             layer.layer_index = index
             shape = (num_blocks * block_size, layer.num_kv_heads, layer.head_dim)
             keys.append(torch.zeros(shape, dtype=dtype, device=device))
@@ -49,7 +54,9 @@ class KVCache:
         """Memory one block takes across every layer (keys and values)."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         return sum(
-            2 * block_size * layer.num_kv_heads * layer.head_dim * itemsize for layer in layers
+            2 * block_size * layer.num_kv_heads * layer.head_dim * itemsize
+            for layer in layers
+            if layer.cached
         )
 
     def write(

@@ -9,14 +9,20 @@ once for every layer:
   uses its own new keys with a causal mask; a chunk that continues a cached prefix
   gathers its past from the cache.
 
+Encoder-decoder models (T5) add two kinds of layers: encoder layers attend within each
+source of the step (bidirectional, no cache), and cross-attention layers attend to the
+sequence's source keys and values, kept in the cache since its encoder ran. T5's
+relative position bias is computed once per step and shared by every layer.
+
 Attention math runs in float32 with a float32 cache: on CPU, bf16 SDPA is several times
 slower than fp32 (docs/benchmarks.md), and it keeps the scores exact.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +52,23 @@ class _Prefill:
 
 
 @dataclass
+class _Cross:
+    """Where each sequence's source keys live, for cross-attention."""
+
+    slots: torch.Tensor  # [S, E] cache slots of each sequence's source (padded with 0)
+    flat_slots: torch.Tensor
+    valid: torch.Tensor  # [S, E] bool: source position exists
+    single_rows: list[int]  # the sequences with one query (batched together)
+    rows: torch.Tensor  # their packed query index
+
+
+@dataclass
 class _Plan:
     decodes: _Decodes | None
     prefills: list[_Prefill]
+    cross: _Cross | None = None
+    #: per-step tensors every layer shares (position biases), built on first use
+    memo: dict[Any, torch.Tensor] = field(default_factory=dict)
 
     @property
     def decode_only(self) -> bool:
@@ -60,7 +80,16 @@ class SdpaBackend(AttentionBackend):
 
     name: ClassVar[str] = "sdpa"
     features: ClassVar[frozenset[str]] = frozenset(
-        {"causal", "paged_kv", "prefix_caching", "sliding_window", "alibi", "gqa"}
+        {
+            "causal",
+            "paged_kv",
+            "prefix_caching",
+            "sliding_window",
+            "alibi",
+            "gqa",
+            "relative_bias",
+            "cross_attention",
+        }
     )
 
     def kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
@@ -104,16 +133,42 @@ class SdpaBackend(AttentionBackend):
                     slots_all,
                 )
             )
-        return _Plan(decodes, prefills)
+        return _Plan(decodes, prefills, self._prepare_cross(batch))
+
+    @staticmethod
+    def _prepare_cross(batch: ForwardBatch) -> _Cross | None:
+        if not any(chunk.encoder_len for chunk in batch.chunks):
+            return None
+        longest = max(chunk.encoder_len for chunk in batch.chunks)
+        slots = torch.zeros(len(batch.chunks), longest, dtype=torch.int64)
+        for row, chunk in enumerate(batch.chunks):
+            slots[row, : chunk.encoder_len] = torch.tensor(
+                slots_for(chunk.block_table, 0, chunk.encoder_len, batch.block_size)
+            )
+        lengths = torch.tensor([chunk.encoder_len for chunk in batch.chunks])
+        single = [i for i, chunk in enumerate(batch.chunks) if chunk.num_new == 1]
+        return _Cross(
+            slots=slots,
+            flat_slots=slots.flatten(),
+            valid=torch.arange(longest)[None, :] < lengths[:, None],
+            single_rows=single,
+            rows=torch.tensor([batch.query_start[i] for i in single], dtype=torch.int64),
+        )
 
     def forward(
         self,
         layer: Attention,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         batch: ForwardBatch,
     ) -> torch.Tensor:
+        if layer.kind == "encoder":
+            assert k is not None and v is not None
+            return self._encoder(layer, q, k, v, batch)
+        if layer.kind == "cross":
+            return self._cross(layer, q, batch)
+        assert k is not None and v is not None
         cache = batch.kv_cache
         cache.write(layer.layer_index, batch.slot_mapping, k, v)
         keys, values = cache.keys[layer.layer_index], cache.values[layer.layer_index]
@@ -121,11 +176,15 @@ class SdpaBackend(AttentionBackend):
         gqa = layer.num_kv_heads != layer.num_heads
         if plan.decode_only:  # the common case: one token per sequence, in order
             assert plan.decodes is not None
-            return self._decodes(layer, q, keys, values, plan.decodes, gqa).to(q.dtype).flatten(1)
+            return (
+                self._decodes(layer, q, keys, values, plan.decodes, gqa, plan)
+                .to(q.dtype)
+                .flatten(1)
+            )
         out = torch.empty(q.shape[0], layer.num_heads, layer.head_dim, dtype=torch.float32)
         if plan.decodes is not None:
             out[plan.decodes.rows] = self._decodes(
-                layer, q[plan.decodes.rows], keys, values, plan.decodes, gqa
+                layer, q[plan.decodes.rows], keys, values, plan.decodes, gqa, plan
             )
         for p in plan.prefills:
             query = q[p.start : p.end].float().transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
@@ -135,7 +194,7 @@ class SdpaBackend(AttentionBackend):
                 key, value = keys.index_select(0, p.slots), values.index_select(0, p.slots)
             key = key.transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
             value = value.transpose(0, 1).unsqueeze(0)
-            mask = self._prefill_mask(layer, p, key.shape[2])
+            mask = self._prefill_mask(layer, p, key.shape[2], plan)
             attended = F.scaled_dot_product_attention(
                 query,
                 key,
@@ -156,6 +215,7 @@ class SdpaBackend(AttentionBackend):
         values: torch.Tensor,
         d: _Decodes,
         gqa: bool,
+        plan: _Plan,
     ) -> torch.Tensor:
         """Attention of one query per sequence ``q`` ``[S, H, D]`` -> ``[S, H, D]`` (fp32)."""
         shape = (*d.slots.shape, layer.num_kv_heads, layer.head_dim)
@@ -165,15 +225,16 @@ class SdpaBackend(AttentionBackend):
             q.float().unsqueeze(2),
             key,
             value,
-            attn_mask=self._decode_mask(layer, d),
+            attn_mask=self._decode_mask(layer, d, plan),
             scale=layer.scale,
             enable_gqa=gqa,
         )
         return attended.squeeze(2)
 
     @staticmethod
-    def _decode_mask(layer: Attention, d: _Decodes) -> torch.Tensor | None:
-        if d.all_valid and layer.sliding_window is None and layer.alibi_slopes is None:
+    def _decode_mask(layer: Attention, d: _Decodes, plan: _Plan) -> torch.Tensor | None:
+        plain = layer.alibi_slopes is None and layer.position_bias is None
+        if d.all_valid and layer.sliding_window is None and plain:
             return None  # every sequence as long as the longest: nothing to mask
         allowed = d.valid
         if layer.sliding_window is not None:
@@ -182,21 +243,108 @@ class SdpaBackend(AttentionBackend):
                 < layer.sliding_window
             )
         allowed = allowed[:, None, None, :]  # [S, 1, 1, L]
-        if layer.alibi_slopes is None:
+        if plain:
             return allowed
+        if layer.position_bias is not None:
+            key = ("decode", id(layer.position_bias))
+            if key not in plan.memo:  # the table is shared by every layer: once per step
+                bias = layer.position_bias(d.query_pos[:, None], d.key_pos.long())  # [S,H,1,L]
+                plan.memo[key] = bias.masked_fill(~allowed, float("-inf"))
+            return plan.memo[key]
+        assert layer.alibi_slopes is not None
         bias = layer.alibi_slopes.float()[None, :, None, None] * d.key_pos  # [1, H, 1, L]
         return bias.masked_fill(~allowed, float("-inf"))
 
     @staticmethod
-    def _prefill_mask(layer: Attention, p: _Prefill, num_keys: int) -> torch.Tensor | None:
-        if p.num_cached == 0 and layer.sliding_window is None and layer.alibi_slopes is None:
+    def _prefill_mask(
+        layer: Attention, p: _Prefill, num_keys: int, plan: _Plan
+    ) -> torch.Tensor | None:
+        plain = layer.alibi_slopes is None and layer.position_bias is None
+        if p.num_cached == 0 and layer.sliding_window is None and plain:
             return None  # plain causal attention over the prompt itself
         query_pos = torch.arange(p.num_cached, p.num_cached + p.end - p.start)[:, None]
         key_pos = torch.arange(num_keys)[None, :]
         allowed = key_pos <= query_pos
         if layer.sliding_window is not None:
             allowed &= query_pos - key_pos < layer.sliding_window
-        if layer.alibi_slopes is None:
+        if plain:
             return allowed
+        if layer.position_bias is not None:
+            key = ("prefill", p.start, id(layer.position_bias))
+            if key not in plan.memo:
+                bias = layer.position_bias(query_pos[:, 0], key_pos[0])  # [H, n, L]
+                plan.memo[key] = bias.masked_fill(~allowed, float("-inf")).unsqueeze(0)
+            return plan.memo[key]
+        assert layer.alibi_slopes is not None
         bias = layer.alibi_slopes.float()[:, None, None] * key_pos.float()  # [H, 1, L]
         return bias.masked_fill(~allowed, float("-inf")).unsqueeze(0)
+
+    def _encoder(
+        self,
+        layer: Attention,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:
+        """Bidirectional attention within each source of the step (no cache)."""
+        assert batch.encoder is not None
+        plan: _Plan = batch.state
+        starts = batch.encoder.query_start
+        out = torch.empty(q.shape[0], layer.num_heads, layer.head_dim, dtype=torch.float32)
+        for start, end in itertools.pairwise(starts):
+            mask = None
+            if layer.position_bias is not None:
+                key = ("encoder", end - start, id(layer.position_bias))
+                if key not in plan.memo:
+                    positions = torch.arange(end - start)
+                    plan.memo[key] = layer.position_bias(positions, positions)[None]
+                mask = plan.memo[key]
+            attended = F.scaled_dot_product_attention(
+                q[start:end].float().transpose(0, 1)[None],
+                k[start:end].float().transpose(0, 1)[None],
+                v[start:end].float().transpose(0, 1)[None],
+                attn_mask=mask,
+                scale=layer.scale,
+                enable_gqa=layer.num_kv_heads != layer.num_heads,
+            )
+            out[start:end] = attended[0].transpose(0, 1)
+        return out.to(q.dtype).flatten(1)
+
+    def _cross(self, layer: Attention, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Each sequence's queries over its source's keys and values, from the cache."""
+        plan: _Plan = batch.state
+        cross = plan.cross
+        assert cross is not None, "cross-attention needs every sequence's source length"
+        keys = batch.kv_cache.keys[layer.layer_index]
+        values = batch.kv_cache.values[layer.layer_index]
+        gqa = layer.num_kv_heads != layer.num_heads
+        out = torch.empty(q.shape[0], layer.num_heads, layer.head_dim, dtype=torch.float32)
+        if cross.single_rows:  # one query per sequence: one batched call
+            index = torch.tensor(cross.single_rows)
+            slots = cross.slots[index]
+            shape = (*slots.shape, layer.num_kv_heads, layer.head_dim)
+            key = keys.index_select(0, slots.flatten()).view(shape).transpose(1, 2)
+            value = values.index_select(0, slots.flatten()).view(shape).transpose(1, 2)
+            out[cross.rows] = F.scaled_dot_product_attention(
+                q[cross.rows].float().unsqueeze(2),
+                key,
+                value,
+                attn_mask=cross.valid[index][:, None, None, :],
+                scale=layer.scale,
+                enable_gqa=gqa,
+            ).squeeze(2)
+        for row, chunk in enumerate(batch.chunks):
+            if chunk.num_new == 1:
+                continue
+            start, end = batch.query_start[row], batch.query_start[row + 1]
+            slots = cross.slots[row, : chunk.encoder_len]
+            attended = F.scaled_dot_product_attention(
+                q[start:end].float().transpose(0, 1)[None],
+                keys.index_select(0, slots).transpose(0, 1)[None],
+                values.index_select(0, slots).transpose(0, 1)[None],
+                scale=layer.scale,
+                enable_gqa=gqa,
+            )
+            out[start:end] = attended[0].transpose(0, 1)
+        return out.to(q.dtype).flatten(1)

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 
 
 def required_features(model: nn.Module) -> frozenset[str]:
-    """What a built model's attention layers need: windows, ALiBi, grouped KV heads."""
+    """What a built model's attention layers need: windows, ALiBi, grouped KV heads,
+    relative position biases, cross-attention."""
     from tgi_core.model.layers.attention import Attention
 
     needs = {"causal", "paged_kv"}
@@ -26,6 +27,10 @@ def required_features(model: nn.Module) -> frozenset[str]:
                 needs.add("alibi")
             if layer.num_kv_heads != layer.num_heads:
                 needs.add("gqa")
+            if layer.position_bias is not None:
+                needs.add("relative_bias")
+            if layer.kind == "cross":
+                needs.add("cross_attention")
     return frozenset(needs)
 
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
     from tgi_core.attention.batch import ForwardBatch
+    from tgi_core.model.layers.relative_position import RelativePositionBias
+
+#: "decoder": causal self-attention over the paged cache (every decoder-only model);
+#: "encoder": bidirectional self-attention within each source, no cache (T5's encoder);
+#: "cross": a decoder's attention over its source's encoder output, kept in the cache.
+AttentionKind = Literal["decoder", "encoder", "cross"]
 
 
 class Attention(nn.Module):
@@ -17,6 +23,8 @@ class Attention(nn.Module):
     :param scale: the factor applied to ``q @ k.T`` (usually ``head_dim ** -0.5``).
     :param sliding_window: attend only to the last ``sliding_window`` positions.
     :param alibi_slopes: per-head ALiBi slopes of this rank's heads.
+    :param kind: what the layer attends to (see ``AttentionKind``).
+    :param position_bias: T5's relative position bias, added to the scores.
     """
 
     def __init__(
@@ -28,6 +36,8 @@ class Attention(nn.Module):
         scale: float,
         sliding_window: int | None = None,
         alibi_slopes: torch.Tensor | None = None,
+        kind: AttentionKind = "decoder",
+        position_bias: RelativePositionBias | None = None,
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
@@ -37,18 +47,38 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.alibi_slopes: torch.Tensor | None
         self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
-        #: this layer's index in the KV cache; set when the cache is allocated.
+        self.kind: AttentionKind = kind
+        self.position_bias = position_bias
+        #: this layer's index in the KV cache; set when the cache is allocated (encoder
+        #: layers have no cache and keep -1).
         self.layer_index = -1
 
+    @property
+    def cached(self) -> bool:
+        """Whether the layer keeps keys and values in the KV cache."""
+        return self.kind != "encoder"
+
+    def store_encoder_kv(self, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
+        """A cross-attention layer's keys and values of this step's encoder outputs
+        ``[T_enc, Hkv, D]``, written to the cache once, where its source's positions live."""
+        assert self.kind == "cross" and batch.encoder is not None
+        batch.kv_cache.write(self.layer_index, batch.encoder.slot_mapping, k, v)
+
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
+        batch: ForwardBatch,
     ) -> torch.Tensor:
-        """``q`` ``[T, H, D]``, ``k``/``v`` ``[T, Hkv, D]`` -> ``[T, H * D]``."""
+        """``q`` ``[T, H, D]``, ``k``/``v`` ``[T, Hkv, D]`` -> ``[T, H * D]``. An encoder
+        layer's tensors are the step's packed encoder tokens; a cross layer takes no
+        ``k``/``v`` (they are in the cache)."""
         return batch.backend.forward(self, q, k, v, batch)
 
     def extra_repr(self) -> str:
         return (
             f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, "
             f"head_dim={self.head_dim}, window={self.sliding_window}, "
-            f"alibi={self.alibi_slopes is not None}"
+            f"alibi={self.alibi_slopes is not None}, kind={self.kind}"
         )
