@@ -100,7 +100,7 @@ class BlockManager:
         step yields the logits that choose the next token.
         """
         assert not seq.block_table and seq.num_computed == 0
-        if not self.prefix_caching:
+        if not self.prefix_caching or seq.encoder_ids:  # cross K/V depend on the source
             return 0
         previous: int | None = None
         hashes = seq.extra.setdefault("block_hashes", [])
@@ -118,9 +118,10 @@ class BlockManager:
         return matched
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        """Give ``seq`` the blocks to hold ``num_tokens`` tokens; False (and nothing taken)
-        when there are not enough free blocks. Copies a shared partial last block first."""
-        needed = self.blocks_needed(seq, num_tokens)
+        """Give ``seq`` the blocks to hold ``num_tokens`` tokens (and its source, for an
+        encoder-decoder model); False (and nothing taken) when there are not enough free
+        blocks. Copies a shared partial last block first."""
+        needed = self.blocks_needed(seq, seq.kv_positions(num_tokens))
         copy_on_write = self._shared_partial_tail(seq, num_tokens)
         if needed + copy_on_write > self.num_free:
             return False
@@ -142,7 +143,7 @@ class BlockManager:
 
     def commit(self, seq: Sequence) -> None:
         """Register the blocks ``seq`` has completely computed under their prefix hash."""
-        if not self.prefix_caching:
+        if not self.prefix_caching or seq.encoder_ids:
             return
         hashes: list[int] = seq.extra.setdefault("block_hashes", [])
         full = seq.num_computed // self.block_size

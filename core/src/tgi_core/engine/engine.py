@@ -51,6 +51,8 @@ class EngineConfig:
     chunked_prefill: bool = True
     prefix_caching: bool = True
     eos_token_ids: tuple[int, ...] = ()
+    #: encoder-decoder models: the decoder's first token (the prompt goes to the encoder)
+    decoder_start_token_id: int | None = None
 
 
 @dataclass
@@ -95,7 +97,7 @@ class Engine:
             raise RequestError("the prompt is empty")
         if request.request_id in self.sequences:
             raise RequestError(f"request id {request.request_id!r} is already in flight")
-        total = len(request.prompt_token_ids) + request.stopping.max_new_tokens
+        total = self._kv_positions(request)
         if total > self.capacity_tokens:
             raise RequestError(
                 f"prompt and max_new_tokens ({total} tokens) exceed the KV "
@@ -108,12 +110,27 @@ class Engine:
                 f"{request.n} samples of {total} tokens exceed the KV cache "
                 f"({self.capacity_tokens} tokens)"
             )
-        seq = Sequence(request, arrival=self._arrivals)
+        seq = self._new_sequence(request, self._arrivals)
         seq.extra["arrived_at"] = time.perf_counter()
         self._arrivals += 1
         self._prepare(seq, 0)
         self.sequences[request.request_id] = [seq]
         self.scheduler.add(seq)
+
+    def _kv_positions(self, request: GenerateRequest) -> int:
+        """Cache positions a request can come to need (per sample)."""
+        prompt, new = len(request.prompt_token_ids), request.stopping.max_new_tokens
+        if self.config.decoder_start_token_id is None:
+            return prompt + new
+        return max(prompt, 1 + new)
+
+    def _new_sequence(self, request: GenerateRequest, arrival: int) -> Sequence:
+        start = self.config.decoder_start_token_id
+        if start is None:
+            return Sequence(request, arrival=arrival)
+        return Sequence(
+            request, arrival=arrival, token_ids=[start], encoder_ids=request.prompt_token_ids
+        )
 
     def _prepare(self, seq: Sequence, index: int) -> None:
         """Per-sample state: its index, its seeded generator, its detokenizer."""
@@ -126,7 +143,7 @@ class Engine:
             seq.extra["generator"] = torch.Generator().manual_seed(seed)
         if self.tokenizer is not None:
             seq.extra["detokenizer"] = IncrementalDetokenizer(
-                self.tokenizer, request.prompt_token_ids, request.stopping.stop
+                self.tokenizer, seq.token_ids[: seq.num_prompt_tokens], request.stopping.stop
             )
 
     def abort(self, request_id: str) -> bool:
@@ -232,7 +249,10 @@ class Engine:
         children = []
         for index in range(1, parent.request.n):
             child = Sequence(
-                parent.request, arrival=parent.arrival, token_ids=list(parent.token_ids)
+                parent.request,
+                arrival=parent.arrival,
+                token_ids=list(parent.token_ids),
+                encoder_ids=parent.encoder_ids,
             )
             self._prepare(child, index)
             self.blocks.fork(parent, child)
@@ -303,7 +323,7 @@ class Engine:
             top_tokens=top_tokens,
             finish_reason=finish,
             generated_tokens=seq.num_generated,
-            prompt_tokens=seq.num_prompt_tokens,
+            prompt_tokens=len(seq.request.prompt_token_ids),
             seed=seq.extra.get("seed"),
             done=done,
             stop_sequence=detok.stopped_by if detok is not None else None,
@@ -334,7 +354,7 @@ class Engine:
             text="",
             logprob=0.0,
             generated_tokens=seq.num_generated,
-            prompt_tokens=seq.num_prompt_tokens,
+            prompt_tokens=len(seq.request.prompt_token_ids),
             error=message,
             done=True,
         )

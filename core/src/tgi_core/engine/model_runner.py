@@ -19,6 +19,20 @@ from tgi_core.engine.scheduler import ScheduledChunk
 from tgi_core.model.layers.attention import Attention
 
 
+def _sequence_chunk(chunk: ScheduledChunk) -> SequenceChunk:
+    """What attention needs of a scheduled chunk; a source is encoded when its sequence
+    starts (or restarts after a preemption) with an empty cache."""
+    seq = chunk.seq
+    encode = bool(seq.encoder_ids) and chunk.num_cached == 0
+    return SequenceChunk(
+        chunk.num_cached,
+        chunk.num_new,
+        seq.block_table,
+        encoder_len=len(seq.encoder_ids),
+        encoder_ids=seq.encoder_ids if encode else None,
+    )
+
+
 class ModelRunner:
     """Owns the KV cache; turns scheduled chunks into logits."""
 
@@ -55,7 +69,7 @@ class ModelRunner:
         """Run the step. ``logits_for[i]`` is ``"none"``, ``"last"`` (the chunk's last
         token) or ``"all"`` (every token of the chunk); returns float32 logits per chunk."""
         batch = ForwardBatch.build(
-            [SequenceChunk(c.num_cached, c.num_new, c.seq.block_table) for c in chunks],
+            [_sequence_chunk(c) for c in chunks],
             self.kv_cache,
             self.backend,
             self.device,

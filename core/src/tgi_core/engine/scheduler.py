@@ -5,7 +5,9 @@ server's ``max_batch_prefill_tokens``): first on the running sequences, oldest f
 (one token each when decoding, the next chunk of a prompt being prefilled), then on
 admitting waiting sequences in arrival order (FIFO: a request is never overtaken by a
 later one). With chunked prefill a prompt larger than what is left of the budget is
-split, and its first chunk runs in the same forward as the others' decode tokens.
+split, and its first chunk runs in the same forward as the others' decode tokens. An
+encoder-decoder sequence's source, encoded whole when it is admitted, counts against the
+budget too.
 
 When the KV cache has no block for a running sequence, the youngest running sequence
 is preempted: its blocks are freed and it goes back to the front of the queue, to be
@@ -87,7 +89,8 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _fits_ever(self, seq: Sequence) -> bool:
-        return -(-len(seq.token_ids) // self.blocks.block_size) <= self.blocks.num_blocks
+        positions = seq.kv_positions(len(seq.token_ids))
+        return -(-positions // self.blocks.block_size) <= self.blocks.num_blocks
 
     def schedule(self) -> StepPlan:
         """Choose this step's work; blocks for every scheduled token are allocated."""
@@ -122,7 +125,13 @@ class Scheduler:
             if not seq.block_table and not seq.request.prompt_logprobs:
                 seq.num_cached_prompt_tokens = self.blocks.match_prefix(seq)
             num_new = seq.num_pending
-            if num_new > budget:
+            encoded = len(seq.encoder_ids) if seq.num_computed == 0 else 0
+            if encoded:
+                # the source is encoded whole in the step that admits it, with the
+                # decoder's prompt; alone in a step, it runs whatever its size
+                if encoded + num_new > budget and plan.chunks:
+                    break
+            elif num_new > budget:
                 if not self.chunked_prefill and plan.chunks:
                     break  # a whole prompt waits for a step with room for it
                 num_new = budget if self.chunked_prefill else num_new
@@ -134,7 +143,7 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             plan.chunks.append(ScheduledChunk(seq, seq.num_computed, num_new))
-            budget -= num_new
+            budget -= num_new + encoded
         return plan
 
     def complete(self, chunk: ScheduledChunk) -> None:

@@ -17,7 +17,13 @@ class Status(enum.Enum):
 
 @dataclass(eq=False)
 class Sequence:
-    """Tokens ``[prompt..., generated...]``; the first ``num_computed`` have KV in the cache."""
+    """Tokens ``[prompt..., generated...]``; the first ``num_computed`` have KV in the cache.
+
+    For an encoder-decoder model, ``encoder_ids`` is the source (the request's prompt)
+    and ``token_ids`` starts with the decoder's start token; the sequence's blocks hold
+    the source's cross-attention keys and values too, so they cover
+    ``max(len(token_ids), len(encoder_ids))`` positions.
+    """
 
     request: GenerateRequest
     arrival: int  # admission order; lower is older
@@ -30,10 +36,15 @@ class Sequence:
     num_cached_prompt_tokens: int = 0  # served from the prefix cache at admission
     #: per-sequence state the engine keeps (sampler generator, detokenizer, ...)
     extra: dict[str, Any] = field(default_factory=dict)
+    encoder_ids: tuple[int, ...] = ()
+    #: tokens of ``token_ids`` that are prompt, not generated (set from ``token_ids``)
+    prompt_len: int = -1
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.request.prompt_token_ids)
+        if self.prompt_len < 0:
+            self.prompt_len = len(self.token_ids)
 
     @property
     def request_id(self) -> str:
@@ -41,7 +52,12 @@ class Sequence:
 
     @property
     def num_prompt_tokens(self) -> int:
-        return len(self.request.prompt_token_ids)
+        """The decoder's prompt: the request's prompt, or the start token (encoder-decoder)."""
+        return self.prompt_len
+
+    def kv_positions(self, num_tokens: int) -> int:
+        """Cache positions needed once ``num_tokens`` decoder tokens are computed."""
+        return max(num_tokens, len(self.encoder_ids))
 
     @property
     def num_generated(self) -> int:

@@ -25,6 +25,7 @@ class _Sequence:
     tokens: list[int]
     num_cached: int = 0
     blocks: list[int] = field(default_factory=list)
+    encoder_ids: list[int] = field(default_factory=list)
 
 
 class PagedRunner:
@@ -50,10 +51,12 @@ class PagedRunner:
         self.sequences: dict[int, _Sequence] = {}
         self._next_id = 0
 
-    def add(self, token_ids: Sequence[int]) -> int:
-        """Start a sequence; returns its id."""
+    def add(self, token_ids: Sequence[int], encoder_ids: Sequence[int] = ()) -> int:
+        """Start a sequence; returns its id. An encoder-decoder model's source is
+        ``encoder_ids`` (encoded at the sequence's first step), ``token_ids`` its decoder
+        tokens."""
         seq_id, self._next_id = self._next_id, self._next_id + 1
-        self.sequences[seq_id] = _Sequence(list(token_ids))
+        self.sequences[seq_id] = _Sequence(list(token_ids), encoder_ids=list(encoder_ids))
         return seq_id
 
     def append(self, seq_id: int, token_ids: Sequence[int]) -> None:
@@ -87,8 +90,16 @@ class PagedRunner:
             pending = seq.tokens[seq.num_cached :]
             if max_tokens is not None:
                 pending = pending[:max_tokens]
-            self._reserve(seq, seq.num_cached + len(pending))
-            chunks.append(SequenceChunk(seq.num_cached, len(pending), list(seq.blocks)))
+            self._reserve(seq, max(seq.num_cached + len(pending), len(seq.encoder_ids)))
+            chunks.append(
+                SequenceChunk(
+                    seq.num_cached,
+                    len(pending),
+                    list(seq.blocks),
+                    encoder_len=len(seq.encoder_ids),
+                    encoder_ids=seq.encoder_ids if seq.encoder_ids and not seq.num_cached else None,
+                )
+            )
             input_ids.extend(pending)
         batch = ForwardBatch.build(chunks, self.kv_cache, self.backend, self.device)
         ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
