@@ -24,8 +24,13 @@ def save_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     init_std: float | None = None,
+    weight_std: float = 0.2,
 ) -> Path:
-    """Save a random-weight model for ``config`` (a transformers config) into ``path``."""
+    """Save a random-weight model for ``config`` (a transformers config) into ``path``.
+
+    Matrices are drawn with ``weight_std`` (larger than transformers' init, so that
+    mismatches show), biases with 0.05.
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     torch.manual_seed(seed)
@@ -36,7 +41,7 @@ def save_checkpoint(
     with torch.no_grad():  # larger weights than the default init make mismatches visible
         for name, param in model.named_parameters():
             if param.dim() > 1 or "bias" in name:
-                param.normal_(0.0, 0.2 if param.dim() > 1 else 0.05)
+                param.normal_(0.0, weight_std if param.dim() > 1 else 0.05)
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
     return path

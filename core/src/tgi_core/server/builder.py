@@ -38,6 +38,15 @@ def _eos_ids(checkpoint: Any, tokenizer: Any) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(i) for i in ids))
 
 
+def _decoder_start(hf_config: Any) -> int:
+    """An encoder-decoder model's first decoder token (T5: the pad token, 0)."""
+    for name in ("decoder_start_token_id", "pad_token_id"):
+        value = getattr(hf_config, name, None)
+        if value is not None:
+            return int(value)
+    raise ConfigError("the encoder-decoder model's config names no decoder_start_token_id")
+
+
 def build_state(resolved: ResolvedConfig, registry: Registry) -> ServerState:
     """Load the model and its tokenizer, size the KV cache, build the engine."""
     import torch
@@ -100,6 +109,9 @@ def build_state(resolved: ResolvedConfig, registry: Registry) -> ServerState:
             chunked_prefill=config.prefill_chunking,
             prefix_caching=config.prefix_caching,
             eos_token_ids=_eos_ids(loaded.checkpoint, tokenizer),
+            decoder_start_token_id=_decoder_start(loaded.hf_config)
+            if spec.kind == "seq2seq"
+            else None,
         ),
         tokenizer,
     )
@@ -123,6 +135,7 @@ def build_state(resolved: ResolvedConfig, registry: Registry) -> ServerState:
         max_total_tokens=max_total,
         architecture=type(loaded.model).__name__,
         is_encoder_decoder=spec.kind == "seq2seq",
+        pipeline_tag="text2text-generation" if spec.kind == "seq2seq" else "text-generation",
         kv_tokens=capacity,
         vocab_size=int(getattr(loaded.hf_config, "vocab_size", 0) or len(tokenizer)),
     )

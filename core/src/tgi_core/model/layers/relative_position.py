@@ -37,8 +37,9 @@ class RelativePositionBias:
     table belongs to the first layer, the other layers only read it)."""
 
     def __init__(
-        self, table: nn.Embedding, *, bidirectional: bool, num_buckets: int, max_distance: int
+        self, table: nn.Module, *, bidirectional: bool, num_buckets: int, max_distance: int
     ) -> None:
+        """``table.weight`` is ``[num_buckets, heads]`` (an ``nn.Embedding`` or alike)."""
         self.table, self.bidirectional = table, bidirectional
         self.num_buckets, self.max_distance = num_buckets, max_distance
 
@@ -51,5 +52,6 @@ class RelativePositionBias:
             num_buckets=self.num_buckets,
             max_distance=self.max_distance,
         )
-        values = self.table.weight.float()[buckets]  # [..., n, L, H]
+        weight: torch.Tensor = self.table.weight  # type: ignore[assignment]
+        values = weight.float()[buckets]  # [..., n, L, H]
         return values.movedim(-1, -3)
