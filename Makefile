@@ -54,3 +54,5 @@ bench: install
 	$(PY) benchmarks/dtype_choice.py --write docs/benchmarks.md
 	$(PY) benchmarks/load_memory.py --write docs/benchmarks.md
 	$(PY) benchmarks/model_step.py --write docs/benchmarks.md
+	$(PY) benchmarks/engine_throughput.py --write docs/benchmarks.md
+	$(PY) benchmarks/t5_throughput.py --write docs/benchmarks.md
