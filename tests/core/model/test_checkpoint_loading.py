@@ -19,6 +19,8 @@ from tgi_core.model.convert import convert_checkpoint
 from tgi_core.model.fixtures import compare_with_transformers, save_checkpoint
 from tgi_core.model.loader import load_model
 from tgi_core.model.parallel import ParallelContext
+from tgi_core.plugins import make_plugin_manager
+from tgi_core.registry import Registry
 from tgi_core.specs import AttentionBackendSpec, ModelSpec
 
 CONFIG = dict(
@@ -228,12 +230,14 @@ def test_corrupt_weights_file(copy: Path, tgi_registry) -> None:
         ),
     ],
 )
-def test_architecture_nobody_serves(copy: Path, tgi_registry, architectures, expected) -> None:
+def test_architecture_nobody_serves(copy: Path, architectures, expected) -> None:
     config = json.loads((copy / "config.json").read_text())
     config["architectures"], config["model_type"] = architectures, "foo"
     (copy / "config.json").write_text(json.dumps(config))
+    # as if tgi-t5 were not installed: only the Llama and BLOOM plugins are loaded
+    without_t5 = Registry.build(make_plugin_manager(environ={"TGI_LOAD_PLUGINS": "llama,bloom"}))
     with pytest.raises(CheckpointError, match=expected):
-        load(copy, tgi_registry)
+        load(copy, without_t5)
 
 
 def test_model_type_is_used_without_architectures(copy: Path, tgi_registry) -> None:
