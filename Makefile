@@ -19,6 +19,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(DISTRIBUTIONS)) Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing $(TORCH) and $(DISTRIBUTIONS) into $(VENV)"
+	@# pip 23's resolver misses editable distributions that depend on each other
+	@$(PIP) install -q --progress-bar off --upgrade 'pip>=25'
 	@$(PIP) install -q --progress-bar off $(TORCH)
 	@$(PIP) install -q --progress-bar off $(foreach d,$(DISTRIBUTIONS),-e '$(d)[test]')
 	@# TGI's own client pins huggingface-hub<1, which transformers 5 outgrew: no deps

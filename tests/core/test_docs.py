@@ -53,5 +53,6 @@ def test_readme_quickstart_is_the_two_commands() -> None:
     readme = (REPO / "README.md").read_text()
     quickstart = re.search(r"## Quickstart\n+```bash\n(.*?)```", readme, re.DOTALL)
     assert quickstart, "README.md needs a Quickstart section with a bash block"
-    commands = [line for line in quickstart.group(1).splitlines() if line and line[0] != "#"]
+    lines = (line.split("#", 1)[0].strip() for line in quickstart.group(1).splitlines())
+    commands = [line for line in lines if line]
     assert commands == ["make serve", "make test"]

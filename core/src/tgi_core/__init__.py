@@ -11,6 +11,7 @@ from tgi_core.specs import (
     AttentionBackendSpec,
     ConfigSectionSpec,
     FrontendSpec,
+    ModelSourceSpec,
     ModelSpec,
     QuantizerSpec,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "ConfigError",
     "ConfigSectionSpec",
     "FrontendSpec",
+    "ModelSourceSpec",
     "ModelSpec",
     "PluginError",
     "QuantizerSpec",

@@ -54,7 +54,9 @@ class ServeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     model_id: Annotated[
         str | None,
         _opt(
-            "Hugging Face checkpoint folder to serve (config.json, safetensors, tokenizer files).",
+            "Hugging Face checkpoint folder to serve (config.json, safetensors, tokenizer "
+            "files), or a model source name (`tgi-core plugins` lists them); unset serves "
+            "the demo model when tgi-demo is installed.",
             "Model",
         ),
     ] = None

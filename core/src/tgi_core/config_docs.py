@@ -41,7 +41,9 @@ these deliberate differences:
 - The bind address is read from `TGI_HOSTNAME`, not `HOSTNAME`, which shells and
   containers set to the machine's name.
 - `model_id` has no default (TGI: `bigscience/bloom-560m`, which would need a download):
-  it names a local checkpoint folder. `num_shard` defaults to 1 (TGI: every visible GPU).
+  it names a local checkpoint folder or a model source a plugin registered (`demo`);
+  unset, the demo model of `tgi-demo` is served when it is installed. `num_shard`
+  defaults to 1 (TGI: every visible GPU).
 - `json_output` unset means JSON lines unless stderr is a terminal; `log_level` takes
   any case and `warn`.
 - The legacy spellings `--max-input-length` / `MAX_INPUT_LENGTH` are accepted for

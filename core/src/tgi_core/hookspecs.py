@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         AttentionBackendSpec,
         ConfigSectionSpec,
         FrontendSpec,
+        ModelSourceSpec,
         ModelSpec,
         QuantizerSpec,
     )
@@ -93,4 +94,18 @@ def register_config_sections(register: Callable[[ConfigSectionSpec], None]) -> N
     an error.
 
     :param register: call with one :class:`~tgi_core.specs.ConfigSectionSpec` each.
+    """
+
+
+@hookspec
+def register_model_sources(register: Callable[[ModelSourceSpec], None]) -> None:
+    """Register named model sources: names that ``--model-id`` accepts besides a folder.
+
+    ``--model-id NAME`` serves the checkpoint folder that the source's ``path_factory``
+    returns, called only when that name is served. A ``--model-id`` that is an existing
+    folder is always served as the folder, so a source never hides a path. The source
+    named ``demo`` (distribution ``tgi-demo``) is also served when no model is given.
+    Each name may be registered by one installed plugin.
+
+    :param register: call with one :class:`~tgi_core.specs.ModelSourceSpec` each.
     """

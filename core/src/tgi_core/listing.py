@@ -11,6 +11,7 @@ from tgi_core.specs import (
     AttentionBackendSpec,
     ConfigSectionSpec,
     FrontendSpec,
+    ModelSourceSpec,
     ModelSpec,
     QuantizerSpec,
 )
@@ -21,7 +22,7 @@ def spec_as_json(spec: AnySpec) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for spec_field in dataclasses.fields(spec):
         value = getattr(spec, spec_field.name)
-        if spec_field.name == "factory":
+        if spec_field.name in ("factory", "path_factory"):
             value = spec.factory_ref()  # type: ignore[union-attr]
         elif spec_field.name == "schema":
             value = {
@@ -61,6 +62,8 @@ def describe_spec(spec: AnySpec) -> str:
     if isinstance(spec, FrontendSpec):
         routes = f": {' '.join(spec.routes)}" if spec.routes else ""
         return f"frontend {spec.name}{routes}"
+    if isinstance(spec, ModelSourceSpec):
+        return f"model source {spec.name}: --model-id {spec.name}"
     assert isinstance(spec, ConfigSectionSpec)
     return f"config [plugins.{spec.name}]"
 

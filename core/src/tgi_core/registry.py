@@ -18,6 +18,7 @@ from tgi_core.specs import (
     AttentionBackendSpec,
     ConfigSectionSpec,
     FrontendSpec,
+    ModelSourceSpec,
     ModelSpec,
     QuantizerSpec,
 )
@@ -133,6 +134,9 @@ class Registry:
     config_sections: SpecRegistry[ConfigSectionSpec] = field(
         default_factory=lambda: SpecRegistry("config section", ConfigSectionSpec)
     )
+    model_sources: SpecRegistry[ModelSourceSpec] = field(
+        default_factory=lambda: SpecRegistry("model source", ModelSourceSpec)
+    )
 
     def by_hook(self) -> dict[str, SpecRegistry[Any]]:
         """Each registration hook's name and the registry it fills, in listing order."""
@@ -142,6 +146,7 @@ class Registry:
             "register_quantizers": self.quantizers,
             "register_frontends": self.frontends,
             "register_config_sections": self.config_sections,
+            "register_model_sources": self.model_sources,
         }
 
     @classmethod

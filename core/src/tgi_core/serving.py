@@ -32,7 +32,7 @@ def serve(resolved: ResolvedConfig) -> None:
 
     state = build_state(resolved, registry)
     app = build_app(state, registry, resolved.plugin_sections)
-    log.info("serving", host=config.hostname, port=config.port, model=config.model_id)
+    log.info("serving", host=config.hostname, port=config.port, model=state.model.model_id)
     uvicorn.run(
         app,
         host=config.hostname,

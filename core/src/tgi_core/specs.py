@@ -8,9 +8,11 @@ imported only when the thing is actually used), so listing plugins never imports
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
@@ -88,9 +90,14 @@ class _Spec:
 
     def factory_ref(self) -> str:
         """The factory as text, for listings."""
-        if isinstance(self.factory, str):
-            return self.factory
-        return f"{self.factory.__module__}:{self.factory.__qualname__}"
+        return factory_ref(self.factory)
+
+
+def factory_ref(factory: Factory) -> str:
+    """A factory as ``"module:attribute"`` text, for listings."""
+    if isinstance(factory, str):
+        return factory
+    return f"{factory.__module__}:{factory.__qualname__}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -218,4 +225,45 @@ class ConfigSectionSpec:
             )
 
 
-AnySpec = ModelSpec | AttentionBackendSpec | QuantizerSpec | FrontendSpec | ConfigSectionSpec
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelSourceSpec:
+    """A name that ``--model-id`` accepts besides a folder: ``--model-id NAME`` serves the
+    checkpoint folder that ``path_factory()`` returns (a ``str`` or ``os.PathLike``).
+
+    ``path_factory`` is called only when the name is served, so a source may find or
+    unpack its folder lazily. A ``--model-id`` that is an existing folder is always
+    served as that folder; the source named ``demo`` is also served when no model is
+    given (``tgi_core.model.sources``).
+    """
+
+    name: str
+    path_factory: Factory
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        _check_name("model source", self.name)
+        _check_factory("model source", self.name, self.path_factory)
+
+    def path(self) -> Path:
+        """Call ``path_factory`` and return the folder it names (not checked here)."""
+        folder = load_factory(self.path_factory)()
+        if not isinstance(folder, str | os.PathLike):
+            raise TypeError(
+                f"model source {self.name!r}: {self.factory_ref()} returned "
+                f"{type(folder).__name__}, not a path"
+            )
+        return Path(folder)
+
+    def factory_ref(self) -> str:
+        """``path_factory`` as text, for listings."""
+        return factory_ref(self.path_factory)
+
+
+AnySpec = (
+    ModelSpec
+    | AttentionBackendSpec
+    | QuantizerSpec
+    | FrontendSpec
+    | ConfigSectionSpec
+    | ModelSourceSpec
+)

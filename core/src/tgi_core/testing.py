@@ -56,9 +56,12 @@ def tgi_registry_with() -> Callable[..., Registry]:
     return build
 
 
-def build_test_app(model_dir: str, environ: dict[str, str] | None = None, **options: str) -> Any:
+def build_test_app(
+    model_dir: str | None, environ: dict[str, str] | None = None, **options: str
+) -> Any:
     """The server's Litestar app for ``model_dir``, built in-process as ``tgi-core serve``
-    would (``options`` are ``serve`` options by field name, as strings). Use it with
+    would (``options`` are ``serve`` options by field name, as strings; no ``model_dir``
+    serves the default model source, as ``serve`` without ``--model-id`` does). Use it with
     ``litestar.testing.TestClient(app)``, whose lifespan starts and warms the engine."""
     from tgi_core.config import load_config
     from tgi_core.plugins import make_plugin_manager
@@ -66,7 +69,8 @@ def build_test_app(model_dir: str, environ: dict[str, str] | None = None, **opti
     from tgi_core.server.app import build_app
     from tgi_core.server.builder import build_state
 
-    resolved = load_config(cli={"model_id": model_dir, **options}, environ={})
+    cli = options if model_dir is None else {"model_id": model_dir, **options}
+    resolved = load_config(cli=cli, environ={})
     registry = Registry.build(make_plugin_manager(environ=environ))
     resolved = resolved.with_registry(registry)
     return build_app(build_state(resolved, registry), registry, resolved.plugin_sections)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,40 +38,31 @@ def _environ() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key not in names}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Iterator[Server]:
-    """``tgi-core serve`` on ``tiny_llama``, one process per test module, stopped with SIGTERM.
-
-    float32, so that greedy decoding matches transformers' float32 reference exactly (the
-    default dtype is bfloat16 on CPUs with native bf16).
-    """
+@contextmanager
+def running_server(log: Path, *options: str, timeout: float = 60) -> Iterator[Server]:
+    """``tgi-core serve OPTIONS`` on a free port of 127.0.0.1 (JSON logs into ``log``),
+    healthy when entered; stopped with SIGTERM (then killed) on exit."""
     port = free_port()
-    log = tmp_path_factory.mktemp("e2e-log") / "server.log"
     command = [
         sys.executable,
         "-m",
         "tgi_core.cli",
         "serve",
-        "--model-id",
-        str(tiny_llama),
+        *options,
         "--hostname",
         "127.0.0.1",
         "--port",
         str(port),
-        "--max-batch-total-tokens",
-        "2048",
-        "--dtype",
-        "float32",
         "--json-output",
     ]
     with open(log, "w") as out:
         process = subprocess.Popen(command, env=_environ(), stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout
         while True:
             assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, f"not healthy after 60 s\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"not healthy after {timeout} s\n{log.read_text()}"
             try:
                 if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                     break
@@ -86,3 +78,23 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Iterat
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Iterator[Server]:
+    """``tgi-core serve`` on ``tiny_llama``, one process per test module, stopped with SIGTERM.
+
+    float32, so that greedy decoding matches transformers' float32 reference exactly (the
+    default dtype is bfloat16 on CPUs with native bf16).
+    """
+    log = tmp_path_factory.mktemp("e2e-log") / "server.log"
+    with running_server(
+        log,
+        "--model-id",
+        str(tiny_llama),
+        "--max-batch-total-tokens",
+        "2048",
+        "--dtype",
+        "float32",
+    ) as server:
+        yield server

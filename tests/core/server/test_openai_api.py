@@ -367,3 +367,35 @@ def test_tokenizer_config_path_overrides_the_template(untemplated: Path, tmp_pat
     with TestClient(app) as client:
         body = client.post("/chat_tokenize", json={"messages": MESSAGES}).json()
         assert body["templated_text"] == "[def fibonacci(n):]"
+
+
+def test_generation_config_sampling_defaults(tiny_llama: Path, tmp_path: Path, reference) -> None:
+    """Fields a request leaves out take generation_config.json's sampling settings (as in
+    vLLM): top_k 1 there makes a request without any sampling field greedy; a request's
+    own value wins."""
+    from tgi_core.server.builder import sampling_defaults
+
+    assert sampling_defaults({"do_sample": True, "top_k": 1, "temperature": 0.5}) == {
+        "top_k": 1.0,
+        "temperature": 0.5,
+    }
+    assert sampling_defaults({"top_k": 1}) == {}  # not a sampling config
+    assert sampling_defaults({"do_sample": True, "top_p": float("nan"), "min_p": True}) == {}
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(
+        json.dumps({**config, "do_sample": True, "top_k": 1})
+    )
+    tokenizer, greedy = reference
+    ids = tokenizer.encode(PROMPT)
+    expected, _ = greedy(ids, 10)
+    app = build_test_app(str(model), {"TGI_LOAD_PLUGINS": "tgi-llama"}, **OPTIONS)
+    with TestClient(app) as client:
+
+        def complete(**fields: object) -> str:
+            body = {"model": "tgi", "prompt": PROMPT, "max_tokens": 10, "seed": 1, **fields}
+            return client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+        assert complete() == expected
+        assert complete(top_k=50) != expected  # the request's own top_k samples

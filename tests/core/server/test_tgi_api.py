@@ -78,6 +78,9 @@ def test_compat_route_returns_a_list_and_full_text(client, checkpoint) -> None:
     assert response.json()[0]["generated_text"] == PROMPT + text
     plain = client.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 5}})
     assert plain.json()["generated_text"] == text
+    # no parameters at all: TGI's defaults (which sample), the full text still
+    sampled = client.post("/", json={"inputs": PROMPT}).json()[0]["generated_text"]
+    assert sampled.startswith(PROMPT) and len(sampled) > len(PROMPT)
 
 
 def test_generate_stream_sse_framing(client, checkpoint) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from tgi_core.config import ResolvedConfig
 from tgi_core.errors import ConfigError
 from tgi_core.logging import get_logger
+from tgi_core.model.sources import resolve_model_id
 from tgi_core.registry import Registry
 from tgi_core.server.chat_template import ChatTemplate, ChatTemplateError
 from tgi_core.server.metrics import ServerMetrics
@@ -38,6 +40,26 @@ def _eos_ids(checkpoint: Any, tokenizer: Any) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(i) for i in ids))
 
 
+#: generation_config.json fields that become the OpenAI frontend's sampling defaults
+SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(generation_config: dict[str, Any] | None) -> dict[str, float]:
+    """The sampling settings a checkpoint's generation config sets (vLLM applies them to
+    requests that leave them out); ignored where ``do_sample`` is false or a value is not
+    a finite number."""
+    config = generation_config or {}
+    if not config.get("do_sample", False):
+        return {}
+    found = {}
+    for name in SAMPLING_DEFAULT_FIELDS:
+        value = config.get(name)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and math.isfinite(value):
+            found[name] = float(value)
+    return found
+
+
 def _decoder_start(hf_config: Any) -> int:
     """An encoder-decoder model's first decoder token (T5: the pad token, 0)."""
     for name in ("decoder_start_token_id", "pad_token_id"):
@@ -63,20 +85,21 @@ def build_state(resolved: ResolvedConfig, registry: Registry) -> ServerState:
     from tgi_core.model.loader import load_model, select_model_spec
 
     config = resolved.config
-    if config.model_id is None:
-        raise ConfigError("no model to serve: pass --model-id DIR or set MODEL_ID")
-    spec = select_model_spec(Checkpoint.open(config.model_id), registry)
+    model_dir, how, model_name = resolve_model_id(config.model_id, registry)
+    if how == "default":
+        log.info(f"no --model-id given; serving the demo model from {model_dir}")
+    spec = select_model_spec(Checkpoint.open(model_dir), registry)
     select_backend(spec, registry, config.attention)  # fail fast, before loading
     dtype = DTYPES[config.dtype] if config.dtype else default_dtype()
-    loaded = load_model(config.model_id, registry, ctx=ModelContext(dtype=dtype), progress=True)
+    loaded = load_model(model_dir, registry, ctx=ModelContext(dtype=dtype), progress=True)
     backend_spec = select_backend(
         spec, registry, config.attention, needs=required_features(loaded.model)
     )
     backend = backend_spec.load()()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(config.model_id)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as exc:
-        raise ConfigError(f"cannot load the tokenizer of {config.model_id}: {exc}") from None
+        raise ConfigError(f"cannot load the tokenizer of {model_dir}: {exc}") from None
 
     layers = [m for m in loaded.model.modules() if isinstance(m, Attention)]
     block_bytes = KVCache.bytes_per_block(layers, config.block_size, backend.kv_cache_dtype(dtype))
@@ -127,7 +150,7 @@ def build_state(resolved: ResolvedConfig, registry: Registry) -> ServerState:
         threads=torch.get_num_threads(),
     )
     model = ModelInfo(
-        model_id=config.model_id,
+        model_id=model_name,
         dtype=str(dtype).removeprefix("torch."),
         attention=backend_spec.name,
         block_size=config.block_size,
@@ -138,6 +161,7 @@ def build_state(resolved: ResolvedConfig, registry: Registry) -> ServerState:
         pipeline_tag="text2text-generation" if spec.kind == "seq2seq" else "text-generation",
         kv_tokens=capacity,
         vocab_size=int(getattr(loaded.hf_config, "vocab_size", 0) or len(tokenizer)),
+        sampling_defaults=sampling_defaults(loaded.checkpoint.generation_config),
     )
     plugins = [
         {"name": p.name, "distribution": p.distribution, "version": p.version}
@@ -157,7 +181,7 @@ def build_state(resolved: ResolvedConfig, registry: Registry) -> ServerState:
         tokenizer=tokenizer,
         model=model,
         plugins=plugins,
-        chat_template=_chat_template(config.model_id, config.tokenizer_config_path, tokenizer),
+        chat_template=_chat_template(model_dir, config.tokenizer_config_path, tokenizer),
         metrics=metrics,
     )
 

@@ -2,6 +2,8 @@
 
 OpenAI's semantics where TGI departs from them (documented in docs/api.md):
 temperature 0 is greedy and anything else (absent included, which means 1) samples;
+sampling fields a request leaves out take the values of the checkpoint's
+``generation_config.json`` when it samples (``do_sample``), as vLLM does;
 presence and frequency penalties are OpenAI's (raw counts over the generated tokens);
 ``n`` > 1 returns ``n`` choices; a stop sequence ends a choice with ``"stop"`` and is not
 in its text; ``echo`` and prompt logprobs work on completions; errors come in OpenAI's
@@ -123,18 +125,24 @@ def plan_sampling(
         raise validation_error("`max_tokens` must be strictly positive", "max_tokens")
     if f.logit_bias:
         raise unsupported("`logit_bias` is not supported", "logit_bias")
-    temperature = 1.0 if f.temperature is None else f.temperature
+    model_default = state.model.sampling_defaults.get
+    temperature = model_default("temperature", 1.0) if f.temperature is None else f.temperature
     greedy = temperature == 0.0
     seed = None
     if not greedy:
         seed = f.seed % 2**64 if f.seed is not None else random.getrandbits(63)
+    top_k = int(model_default("top_k", 0)) if f.top_k is None else f.top_k
     sampling = SamplingParams(
         do_sample=not greedy,
         temperature=temperature if not greedy else 1.0,
-        top_k=max(0, f.top_k or 0),
-        top_p=f.top_p if f.top_p is not None else 1.0,
-        min_p=f.min_p or 0.0,
-        repetition_penalty=f.repetition_penalty or 1.0,
+        top_k=max(0, top_k),
+        top_p=model_default("top_p", 1.0) if f.top_p is None else f.top_p,
+        min_p=model_default("min_p", 0.0) if f.min_p is None else f.min_p,
+        repetition_penalty=(
+            model_default("repetition_penalty", 1.0)
+            if f.repetition_penalty is None
+            else f.repetition_penalty
+        ),
         frequency_penalty=f.frequency_penalty or 0.0,
         presence_penalty=f.presence_penalty or 0.0,
         penalty_style="openai",

@@ -27,6 +27,9 @@ class ModelInfo:
     pipeline_tag: str | None = "text-generation"
     kv_tokens: int = 0
     vocab_size: int = 0
+    #: sampling settings of the checkpoint's generation_config.json, which OpenAI
+    #: requests that leave them out take (``SAMPLING_DEFAULT_FIELDS``)
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
 
 
 class Slot:

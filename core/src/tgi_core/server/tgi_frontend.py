@@ -324,7 +324,11 @@ async def _stream(state: ServerState, body: TGIRequest, route: str) -> Stream:
         return Stream(
             admitted_stream(slot, stream_events(state, body, v, trace)),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                "x-compute-type": "cpu",
+            },
         )
 
     return await traced(trace, run)
@@ -333,11 +337,12 @@ async def _stream(state: ServerState, body: TGIRequest, route: str) -> Stream:
 def _compat_body(state: ServerState, data: TGIRequest) -> TGIRequest:
     """On ``/``, ``return_full_text`` defaults to the text-generation pipeline (TGI)."""
     parameters = data.parameters
-    if parameters is not None and parameters.return_full_text is None:
+    if parameters is None:  # TGI's default_parameters(), which sample
+        parameters = Parameters(do_sample=True)
+    if parameters.return_full_text is None:
         full = state.model.pipeline_tag in (None, "text-generation")
         parameters = msgspec.structs.replace(parameters, return_full_text=full)
-        data = msgspec.structs.replace(data, parameters=parameters)
-    return data
+    return msgspec.structs.replace(data, parameters=parameters)
 
 
 def build(ctx: FrontendContext) -> list[HTTPRouteHandler]:
