@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tgi_core.bench.wire import Sampling, StreamEvent, parse_event, request_body
 from tgi_core.bench.workload import PlannedRequest
 
@@ -37,6 +39,13 @@ def test_openai_bodies() -> None:
         "model": "m",
     }
     assert request_body("openai", PLANNED, Sampling(temperature=1.0))["seed"] == 1234
+
+
+def test_token_id_prompts_go_to_the_openai_api_only() -> None:
+    ids = PlannedRequest((5, 6, 7), 3, 4, seed=0)
+    assert request_body("openai", ids, Sampling())["prompt"] == [5, 6, 7]
+    with pytest.raises(ValueError, match="text prompts"):
+        request_body("tgi", ids, Sampling())
 
 
 def test_tgi_events() -> None:

@@ -43,7 +43,8 @@ class BenchSettings:
     url: str = "http://127.0.0.1:8080"
     api: Api = "tgi"
     concurrency: tuple[int, ...] = (1, 8, 32)
-    requests: int | None = None  # per level; None: REQUESTS_PER_CLIENT per client
+    requests: int | None = None  # per level; None: requests_per_client per client
+    requests_per_client: int = REQUESTS_PER_CLIENT
     prompt_tokens: LengthRange = field(default_factory=lambda: LengthRange(128, 128))
     max_new_tokens: LengthRange = field(default_factory=lambda: LengthRange(128, 128))
     shared_prefix: int = 0
@@ -57,7 +58,9 @@ class BenchSettings:
     timeout: float = 600.0
 
     def requests_at(self, concurrency: int) -> int:
-        return self.requests if self.requests is not None else REQUESTS_PER_CLIENT * concurrency
+        if self.requests is not None:
+            return self.requests
+        return self.requests_per_client * concurrency
 
     def target(self) -> Target:
         sampling = Sampling(self.temperature, self.ignore_eos, self.model)

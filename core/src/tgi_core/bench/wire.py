@@ -44,9 +44,11 @@ class StreamEvent:
 
 
 def request_body(api: Api, planned: PlannedRequest, sampling: Sampling) -> dict[str, Any]:
-    """The JSON body for ``planned`` in ``api``'s format."""
+    """The JSON body for ``planned`` in ``api``'s format (token-id prompts: OpenAI only)."""
     sample = sampling.temperature > 0
     if api == "tgi":
+        if not isinstance(planned.prompt, str):
+            raise ValueError("TGI's API takes text prompts, not token ids")
         parameters: dict[str, Any] = {
             "max_new_tokens": planned.max_new_tokens,
             "details": True,
@@ -56,7 +58,7 @@ def request_body(api: Api, planned: PlannedRequest, sampling: Sampling) -> dict[
             parameters |= {"temperature": sampling.temperature, "seed": planned.seed}
         return {"inputs": planned.prompt, "parameters": parameters}
     body: dict[str, Any] = {
-        "prompt": planned.prompt,
+        "prompt": planned.prompt if isinstance(planned.prompt, str) else list(planned.prompt),
         "max_tokens": planned.max_new_tokens,
         "temperature": sampling.temperature,
         "stream": True,

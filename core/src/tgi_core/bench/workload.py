@@ -65,9 +65,12 @@ class LengthRange:
 
 @dataclass(frozen=True, slots=True)
 class PlannedRequest:
-    """One request to send: its prompt, its token count if known, how many new tokens."""
+    """One request to send: its prompt, its token count if known, how many new tokens.
 
-    prompt: str
+    The prompt is a text, or token ids (which only the OpenAI API takes).
+    """
+
+    prompt: str | tuple[int, ...]
     prompt_tokens: int | None
     max_new_tokens: int
     seed: int
