@@ -16,7 +16,7 @@ from tgi_core.bench.client import RequestResult, Target, run_level
 from tgi_core.bench.command import BenchSettings, make_plans
 from tgi_core.bench.stats import summarize
 from tgi_core.bench.wire import Api, Sampling
-from tgi_core.bench.workload import LengthRange
+from tgi_core.bench.workload import LengthRange, PlannedRequest
 from tgi_core.cli import cli
 
 pytestmark = pytest.mark.slow
@@ -74,6 +74,16 @@ def test_ignore_eos_makes_every_request_generate_all_its_tokens(
     results = sent(server.base, "openai", tiny_llama, ignore_eos=True)
     assert all(r.ok and r.finish_reason == "length" for r in results)
     assert [r.output_tokens for r in results] == [r.planned.max_new_tokens for r in results]
+
+
+def test_token_id_prompts_over_the_openai_api(server: Any) -> None:
+    plan = [PlannedRequest(tuple(range(10, 10 + n)), n, 5, seed=0) for n in (3, 17)]
+    target = Target(server.base, "openai", Sampling(ignore_eos=True))
+    results = asyncio.run(run_level(target, plan, 2)).results
+    assert [(r.ok, r.server_prompt_tokens, r.output_tokens) for r in results] == [
+        (True, 3, 5),
+        (True, 17, 5),
+    ]
 
 
 def test_json_report(server: Any, tiny_llama: Path) -> None:
