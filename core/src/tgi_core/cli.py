@@ -235,6 +235,7 @@ def _length_range(_ctx: click.Context, _param: click.Parameter, value: str) -> A
     default="1,8,32",
     show_default=True,
     callback=_concurrency_list,
+    metavar="N[,N...]",
     help="Concurrent streaming clients; a comma-separated list is swept.",
 )
 @click.option(
@@ -249,6 +250,7 @@ def _length_range(_ctx: click.Context, _param: click.Parameter, value: str) -> A
     default="128",
     show_default=True,
     callback=_length_range,
+    metavar="N|LOW:HIGH",
     help="Prompt length: N, or LOW:HIGH drawn uniformly (tokens with --tokenizer, else words).",
 )
 @click.option(
@@ -256,6 +258,7 @@ def _length_range(_ctx: click.Context, _param: click.Parameter, value: str) -> A
     default="128",
     show_default=True,
     callback=_length_range,
+    metavar="N|LOW:HIGH",
     help="Tokens to generate per request: N, or LOW:HIGH drawn uniformly.",
 )
 @click.option(
