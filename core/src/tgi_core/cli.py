@@ -301,7 +301,7 @@ def _length_range(_ctx: click.Context, _param: click.Parameter, value: str) -> A
     type=click.FloatRange(min=0.0, min_open=True),
     default=600.0,
     show_default=True,
-    help="Seconds one request may take.",
+    help="Seconds to wait for a connection, or for the next bytes of a response.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option(

@@ -150,7 +150,7 @@ async def run_level(
     pending = iter(enumerate(plan))
     results: list[RequestResult | None] = [None] * len(plan)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    timeout = httpx.Timeout(target.timeout, connect=min(target.timeout, 30.0))
+    timeout = httpx.Timeout(target.timeout)
 
     async def client_loop(client: httpx.AsyncClient) -> None:
         for index, planned in pending:
