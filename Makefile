@@ -58,3 +58,4 @@ bench: install
 	$(PY) benchmarks/model_step.py --write docs/benchmarks.md
 	$(PY) benchmarks/engine_throughput.py --write docs/benchmarks.md
 	$(PY) benchmarks/t5_throughput.py --write docs/benchmarks.md
+	$(PY) benchmarks/served_vs_transformers.py --write docs/benchmarks.md

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -129,3 +133,84 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     train_tokenizer(path, 320, chat_template=CHAT_TEMPLATE)
     return path
+
+
+class Server(NamedTuple):
+    base: str  # http://127.0.0.1:PORT
+    process: subprocess.Popen[bytes]
+    log: Path  # the server's stdout and stderr (JSON lines with --json-output)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _server_environ() -> dict[str, str]:
+    """The host's environment without the variables tgi reads (they would override defaults)."""
+    from tgi_core.config import FIELDS
+
+    names = {info.env for info in FIELDS.values() if info.env}
+    names |= {"TGI_LOAD_PLUGINS", "TGI_CONFIG", "TGI_TRACE_PLUGINS"}
+    return {key: value for key, value in os.environ.items() if key not in names}
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
+    """``start_server(checkpoint, *flags)``: a real ``tgi-core serve`` process on a free
+    port of 127.0.0.1 (``--json-output``, then ``flags``; no ``--model-id`` when
+    ``checkpoint`` is None), once ``/health`` answers 200.
+    Every process started is stopped with SIGTERM when the test module ends."""
+    import httpx
+
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(checkpoint: Path | None, *flags: str) -> Server:
+        port = free_port()
+        log = tmp_path_factory.mktemp("e2e-log") / "server.log"
+        command = [
+            sys.executable,
+            "-m",
+            "tgi_core.cli",
+            "serve",
+            *(() if checkpoint is None else ("--model-id", str(checkpoint))),
+            "--hostname",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--json-output",
+            *flags,
+        ]
+        with open(log, "w") as out:
+            process = subprocess.Popen(
+                command, env=_server_environ(), stdout=out, stderr=subprocess.STDOUT
+            )
+        processes.append(process)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"not healthy after 60 s\n{log.read_text()}"
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    return Server(base, process, log)
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+
+    try:
+        yield start
+    finally:
+        for process in processes:
+            _stop(process)

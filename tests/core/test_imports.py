@@ -27,6 +27,10 @@ assert not heavy, heavy
         "Registry.build(make_plugin_manager())",
         "from tgi_core.cli import main\n"
         "try:\n    main(['plugins', '--json'])\nexcept SystemExit:\n    pass",
+        # the load generator runs on client machines: no torch there either
+        "import tgi_core.bench.command, tgi_core.bench.report, tgi_core.bench.stats\n"
+        "from tgi_core.cli import main\n"
+        "try:\n    main(['bench', '--help'])\nexcept SystemExit:\n    pass",
     ],
 )
 def test_plugin_system_does_not_import_torch(imports: str) -> None:

@@ -1,4 +1,4 @@
-"""The ``tgi-core`` command: ``serve``, ``config`` and ``plugins``.
+"""The ``tgi-core`` command: ``serve``, ``config``, ``plugins``, ``convert`` and ``bench``.
 
 Every ``ServeConfig`` setting is a flag of ``serve`` and ``config``, generated from the
 config's own field descriptions, so the help, the docs and the loader never disagree.
@@ -197,6 +197,156 @@ def convert(folder: str) -> None:
 
     for path in convert_checkpoint(folder):
         click.echo(f"wrote {path}")
+
+
+def _concurrency_list(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        levels = ()
+    if not levels or min(levels) < 1:
+        raise click.BadParameter(f"{value!r} is not a list of positive integers, e.g. 1,8,32")
+    return levels
+
+
+def _length_range(_ctx: click.Context, _param: click.Parameter, value: str) -> Any:
+    from tgi_core.bench.workload import LengthRange, WorkloadError
+
+    try:
+        return LengthRange.parse(value)
+    except WorkloadError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@cli.command("bench")
+@click.option(
+    "--url", default="http://127.0.0.1:8080", show_default=True, help="The server's base URL."
+)
+@click.option(
+    "--api",
+    type=click.Choice(["tgi", "openai"]),
+    default="tgi",
+    show_default=True,
+    help="tgi: POST /generate_stream; openai: POST /v1/completions, streamed.",
+)
+@click.option(
+    "--concurrency",
+    "-c",
+    default="1,8,32",
+    show_default=True,
+    callback=_concurrency_list,
+    metavar="N[,N...]",
+    help="Concurrent streaming clients; a comma-separated list is swept.",
+)
+@click.option(
+    "--requests",
+    "-n",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Requests per concurrency level.  [default: 4 per client]",
+)
+@click.option(
+    "--prompt-tokens",
+    default="128",
+    show_default=True,
+    callback=_length_range,
+    metavar="N|LOW:HIGH",
+    help="Prompt length: N, or LOW:HIGH drawn uniformly (tokens with --tokenizer, else words).",
+)
+@click.option(
+    "--max-new-tokens",
+    default="128",
+    show_default=True,
+    callback=_length_range,
+    metavar="N|LOW:HIGH",
+    help="Tokens to generate per request: N, or LOW:HIGH drawn uniformly.",
+)
+@click.option(
+    "--shared-prefix",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Tokens of a prefix every prompt starts with (a shared system prompt).",
+)
+@click.option(
+    "--tokenizer",
+    type=click.Path(exists=True),
+    default=None,
+    help="tokenizer.json (or a checkpoint folder) to build prompts of exact token lengths.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the whole plan.")
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0.0),
+    default=0.0,
+    show_default=True,
+    help="0 decodes greedily; above 0 samples, with a seed per request.",
+)
+@click.option(
+    "--ignore-eos",
+    is_flag=True,
+    help="Generate every requested token, past EOS (--api openai: vLLM's ignore_eos field).",
+)
+@click.option("--model", default=None, help="The `model` field of OpenAI requests.")
+@click.option("--api-key", envvar="TGI_BENCH_API_KEY", default=None, help="Sent as a Bearer token.")
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Requests sent one by one before the sweep, not reported.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=600.0,
+    show_default=True,
+    help="Seconds to wait for a connection, or for the next bytes of a response.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write a PNG of throughput and latencies against concurrency (needs matplotlib).",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Show a progress bar on stderr.  [default: when stderr is a terminal]",
+)
+def bench(as_json: bool, plot: str | None, progress: bool | None, **options: Any) -> None:
+    """Load-test a running TGI- or OpenAI-compatible server with streaming clients.
+
+    Sweeps the concurrency levels and reports, for each, output tokens/s, time to first
+    token and inter-token latency (p50, p95), end-to-end latency, and errors.
+    """
+    from rich.console import Console
+
+    from tgi_core.bench.command import BenchSettings, all_failed, run_sweep
+    from tgi_core.bench.report import as_json as report_json
+    from tgi_core.bench.report import print_report
+
+    if options["ignore_eos"] and options["api"] != "openai":
+        raise click.UsageError("--ignore-eos needs --api openai: TGI's API has no such field")
+    settings = BenchSettings(**options)
+    stderr = Console(stderr=True)
+    reports = run_sweep(
+        settings, progress=stderr.is_terminal if progress is None else progress, console=stderr
+    )
+    if as_json:
+        click.echo(json.dumps(report_json(settings.as_json(), reports), indent=2))
+    else:
+        print_report(reports)
+    if plot is not None:
+        from tgi_core.bench.plot import write_plot
+
+        write_plot(reports, plot, title=f"{settings.url} ({settings.api} API)")
+        if not as_json:
+            click.echo(f"wrote {plot}")
+    failure = all_failed(reports)
+    if failure is not None:
+        raise click.ClickException(f"no request succeeded: {failure}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -137,6 +137,26 @@ def test_completions_prompt_forms_agree_with_transformers(client, reference) -> 
     assert [c["text"] for c in lists["choices"]] == [c["text"] for c in both["choices"]]
 
 
+def test_ignore_eos_generates_past_the_end_of_sequence(client, reference) -> None:
+    _, greedy = reference
+    # a one-token prompt whose greedy continuation (transformers') ends with EOS early
+    prompt, ended = next(
+        ([k], out) for k in range(3, 320) if 1 in (out := greedy([k], 12)[1]) and len(out) < 12
+    )
+    plain = client.post(
+        "/v1/completions", json={"prompt": prompt, "max_tokens": 16, "temperature": 0}
+    ).json()
+    assert plain["choices"][0]["finish_reason"] == "stop"
+    assert plain["usage"]["completion_tokens"] == len(ended)
+    kept_on = client.post(
+        "/v1/completions",
+        json={"prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True},
+    ).json()
+    assert kept_on["choices"][0]["finish_reason"] == "length"
+    assert kept_on["usage"]["completion_tokens"] == 16
+    assert kept_on["choices"][0]["text"].startswith(plain["choices"][0]["text"])
+
+
 def test_completions_default_max_tokens_is_openais_16(client) -> None:
     body = client.post(
         "/v1/completions", json={"prompt": PROMPT, "temperature": 0, "stop": []}

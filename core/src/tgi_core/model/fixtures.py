@@ -193,6 +193,43 @@ def train_tokenizer(
     return fast
 
 
+def word_list(count: int) -> list[str]:
+    """``count`` distinct four-letter words (``aaaa``, ``baaa``, ...; at most 26**4)."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    if count > 26**4:
+        raise ValueError(f"at most {26**4} words, not {count}")
+    return ["".join(letters[i // 26**k % 26] for k in range(4)) for i in range(count)]
+
+
+def train_word_level_tokenizer(path: str | Path, vocab_size: int) -> Any:
+    """Train a word-level tokenizer of exactly ``vocab_size`` tokens; save it.
+
+    A ``WordLevel`` model behind a whitespace pre-tokenizer, trained with ``tokenizers``
+    on :func:`word_list`, so every word is one token and a text of N words is N tokens
+    (no special tokens are added). Special tokens: ``<s>`` (0), ``</s>`` (1), ``<pad>``
+    (2), ``<unk>`` (3). Writes ``tokenizer.json`` and ``tokenizer_config.json`` into
+    ``path`` and returns the transformers tokenizer.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "</s>", "<pad>", "<unk>"]
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=specials)
+    tokenizer.train_from_iterator(word_list(vocab_size - len(specials)), trainer)
+    assert tokenizer.get_vocab_size() == vocab_size, tokenizer.get_vocab_size()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    fast.save_pretrained(str(path))
+    return fast
+
+
 def build_engine(
     path: str | Path,
     *,

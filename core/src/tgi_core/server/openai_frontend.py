@@ -89,6 +89,7 @@ class Plan:
     n: int
     samples: int  # generated per prompt (``best_of`` may ask for more than ``n``)
     include_usage: bool
+    ignore_eos: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -150,7 +151,15 @@ def plan_sampling(
         top_n_tokens=top_n,
     )
     include_usage = bool(f.stream_options and f.stream_options.include_usage)
-    return Plan(sampling, _stops(state, f.stop), f.max_tokens, n, samples, include_usage)
+    return Plan(
+        sampling,
+        _stops(state, f.stop),
+        f.max_tokens,
+        n,
+        samples,
+        include_usage,
+        ignore_eos=f.ignore_eos,
+    )
 
 
 def engine_request(
@@ -182,7 +191,7 @@ def engine_request(
         request_id=uuid.uuid4().hex,
         prompt_token_ids=tuple(prompt_ids),
         sampling=plan.sampling,
-        stopping=StoppingParams(max_new_tokens=max_new, stop=plan.stop),
+        stopping=StoppingParams(max_new_tokens=max_new, stop=plan.stop, ignore_eos=plan.ignore_eos),
         prompt_logprobs=prompt_logprobs,
         n=plan.samples,
     )

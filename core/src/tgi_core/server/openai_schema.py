@@ -1,7 +1,8 @@
 """The OpenAI API's request bodies, as msgspec structs (the OpenAPI schema comes from them).
 
 Unknown fields are ignored, as OpenAI-compatible servers do. Fields beyond OpenAI's
-(``top_k``, ``min_p``, ``repetition_penalty``) are accepted as in vLLM and TGI.
+(``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``) are accepted as in vLLM and
+TGI.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
+    ignore_eos: bool = False
     user: str | None = None
 
 
