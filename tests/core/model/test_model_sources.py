@@ -45,9 +45,7 @@ def add_source(make_distribution, tmp_path: Path):
         if folder is None:
             folder = str(tmp_path / f"{module}-checkpoint")
             Path(folder).mkdir()
-        code = SOURCE_PLUGIN.format(
-            name=name, factory=factory or f"{module}:folder", folder=folder
-        )
+        code = SOURCE_PLUGIN.format(name=name, factory=factory or f"{module}:folder", folder=folder)
         make_distribution(dist, {module: code}, {dist.removeprefix("tgi-"): module})
         return folder
 
@@ -56,7 +54,9 @@ def add_source(make_distribution, tmp_path: Path):
 
 def build(*distributions: str) -> Registry:
     """The built-ins and only the named distributions."""
-    return Registry.build(make_plugin_manager(environ={"TGI_LOAD_PLUGINS": ",".join(distributions)}))
+    return Registry.build(
+        make_plugin_manager(environ={"TGI_LOAD_PLUGINS": ",".join(distributions)})
+    )
 
 
 def test_a_plugin_names_a_folder(add_source) -> None:
@@ -96,7 +96,7 @@ def test_no_model_id_with_demo_left_out_names_tgi_load_plugins(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(sources, "installed_plugin_names", lambda: ["tgi-demo"])
-    with pytest.raises(ConfigError, match="tgi-demo.*installed but not loaded.*TGI_LOAD_PLUGINS"):
+    with pytest.raises(ConfigError, match=r"tgi-demo.*installed but not loaded.*TGI_LOAD_PLUGINS"):
         resolve_model_id(None, build())
 
 

@@ -54,8 +54,7 @@ def sampling_defaults(generation_config: dict[str, Any] | None) -> dict[str, flo
     found = {}
     for name in SAMPLING_DEFAULT_FIELDS:
         value = config.get(name)
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if number and math.isfinite(value):
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             found[name] = float(value)
     return found
 
