@@ -53,9 +53,7 @@ def resolve_model_id(model_id: str | None, registry: Registry) -> ResolvedModelI
         return ResolvedModelId(_source_folder(registry, model_id), "source", model_id)
     if _looks_like_a_path(model_id):
         return ResolvedModelId(model_id, "folder", model_id)
-    known = ", ".join(
-        f"{spec.name} ({sources.owner(spec.name).distribution})" for spec in sources
-    )
+    known = ", ".join(f"{spec.name} ({sources.owner(spec.name).distribution})" for spec in sources)
     raise ConfigError(
         f"model_id {model_id!r} is neither a folder nor a model source name; "
         f"registered sources: {known or 'none'} (tgi-core serves folders on this machine "
