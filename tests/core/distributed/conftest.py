@@ -6,6 +6,7 @@ tokenizer of the shared ``tiny_llama``, copied into its folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -14,7 +15,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,9 @@ def _save(root: Path, name: str, config: Any, tiny_llama: Path, **options: Any) 
 
 
 @pytest.fixture(scope="session")
-def shard_checkpoints(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> dict[str, Path]:
+def shard_checkpoints(
+    tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path
+) -> dict[str, Path]:
     """``llama-2kv`` (the shared tiny Llama: 4 heads, 2 KV heads, one per rank),
     ``llama-1kv`` (its KV head replicated on both ranks), ``bloom`` (ALiBi slopes per
     rank) and ``t5`` (v1.1: relative bias per rank, cross-attention, an untied head)."""
@@ -112,7 +114,13 @@ def clean_environ(**extra: str) -> dict[str, str]:
 
     names = {info.env for info in FIELDS.values() if info.env}
     names |= {"TGI_LOAD_PLUGINS", "TGI_CONFIG", "TGI_TRACE_PLUGINS", "OMP_NUM_THREADS"}
-    names |= {"WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_USE_AGENT_STORE"}
+    names |= {
+        "WORLD_SIZE",
+        "RANK",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "TORCHELASTIC_USE_AGENT_STORE",
+    }
     environ = {key: value for key, value in os.environ.items() if key not in names}
     return {**environ, **extra}
 
@@ -135,18 +143,14 @@ class Rank:
         found = []
         for line in self.log.read_text(errors="replace").splitlines():
             if line.startswith("{"):
-                try:
+                with contextlib.suppress(ValueError):
                     found.append(json.loads(line))
-                except ValueError:
-                    pass
         return found
 
     def kill_all(self) -> None:
         """SIGKILL the process and everything it started (its session's process group)."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.process.wait(timeout=30)
 
 
@@ -185,48 +189,82 @@ def wait_healthy(base: str, ranks: list[Rank], timeout: float = 120.0) -> None:
         time.sleep(0.2)
 
 
-@contextmanager
-def running(ranks: list[Rank]) -> Iterator[list[Rank]]:
-    """Yield ``ranks``; afterwards SIGTERM what still runs, then kill anything left."""
-    try:
-        yield ranks
-    finally:
-        for rank in ranks:
-            if rank.process.poll() is None:
-                rank.process.send_signal(signal.SIGTERM)
-        for rank in ranks:
-            try:
-                rank.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-            rank.kill_all()
+class ShardLab:
+    """Starts `tgi-core serve` processes on free ports and always stops them: SIGTERM,
+    then SIGKILL of each one's whole session (rank 0 and the workers it started)."""
 
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[Rank] = []
 
-@pytest.fixture
-def start_sharded(tmp_path: Path) -> Iterator[Any]:
-    """``start_sharded(model, *options) -> (base_url, rank0)``: `tgi-core serve
-    --num-shard 2` on free ports, healthy; stopped (and its workers killed) at teardown."""
-    started: list[Rank] = []
+    def _rank(self, command: list[str], env: dict[str, str], name: str) -> Rank:
+        rank = Rank(command, self.tmp_path / f"{name}-{len(self.started)}.log", env)
+        self.started.append(rank)
+        return rank
 
-    def start(model: Path, *options: str, num_shard: int = 2) -> tuple[str, Rank]:
+    def sharded(self, model: Path, *options: str, num_shard: int = 2) -> tuple[str, Rank]:
+        """`tgi-core serve --num-shard N`, healthy: its URL and its rank 0."""
         port = free_port()
-        rank = Rank(
-            serve_command(
-                model,
-                port,
-                "--num-shard",
-                str(num_shard),
-                "--master-port",
-                str(free_port()),
-                *options,
-            ),
-            tmp_path / f"server-{len(started)}.log",
-            clean_environ(),
+        command = serve_command(
+            model, port, "--num-shard", str(num_shard), "--master-port", str(free_port()), *options
         )
-        started.append(rank)
+        rank = self._rank(command, clean_environ(), "server")
         base = f"http://127.0.0.1:{port}"
         wait_healthy(base, [rank])
         return base, rank
 
-    with running(started):
-        yield start
+    def launched(self, models: tuple[Path, Path], *options: str) -> tuple[str, list[Rank]]:
+        """Two `tgi-core serve` processes given the variables torchrun sets (not waited for)."""
+        port, master = free_port(), free_port()
+        ranks = []
+        for rank, model in enumerate(models):
+            env = clean_environ(
+                WORLD_SIZE="2",
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(master),
+            )
+            command = serve_command(model, port, *options)
+            ranks.append(self._rank(command, env, f"rank{rank}"))
+        return f"http://127.0.0.1:{port}", ranks
+
+    @staticmethod
+    def wait_healthy(base: str, ranks: list[Rank]) -> None:
+        wait_healthy(base, ranks)
+
+    def torchrun(self, model: Path, *options: str) -> tuple[str, Rank]:
+        """`torchrun --standalone --nproc-per-node 2 -m tgi_core.cli serve ...` (not
+        waited for): its URL and the torchrun process (the ranks' output is its own)."""
+        port = free_port()
+        serve = serve_command(model, port, *options)[1:]  # without the interpreter
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            *serve,
+        ]
+        return f"http://127.0.0.1:{port}", self._rank(command, clean_environ(), "torchrun")
+
+    def stop_all(self) -> None:
+        for rank in self.started:
+            if rank.process.poll() is None:
+                rank.process.send_signal(signal.SIGTERM)
+        for rank in self.started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                rank.process.wait(timeout=30)
+            rank.kill_all()
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[ShardLab]:
+    """A :class:`ShardLab`; whatever it started is stopped at teardown."""
+    started = ShardLab(tmp_path)
+    try:
+        yield started
+    finally:
+        started.stop_all()

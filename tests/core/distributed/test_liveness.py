@@ -38,7 +38,9 @@ class Events:
         self.seen.set()
 
 
-def monitor(store: Any, events: Events, exited: Any = lambda: None, timeout: float = 5.0) -> Monitor:
+def monitor(
+    store: Any, events: Events, exited: Any = lambda: None, timeout: float = 5.0
+) -> Monitor:
     watch = Monitor(
         lambda: client(store),
         3,

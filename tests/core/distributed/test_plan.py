@@ -41,7 +41,7 @@ def test_a_mixed_step_survives_the_wire() -> None:
 
 @pytest.mark.parametrize("kind", [PlanKind.HEARTBEAT, PlanKind.SHUTDOWN])
 def test_control_plans_have_no_payload(kind: PlanKind) -> None:
-    header, payload = StepPlan(kind).to_tensors()
+    _header, payload = StepPlan(kind).to_tensors()
     assert payload.numel() == 0
     assert roundtrip(StepPlan(kind)) == StepPlan(kind)
 

@@ -15,7 +15,12 @@ def topology(cli: dict[str, str] | None = None, **environ: str):
 
 def test_one_shard_is_a_single_process() -> None:
     result = topology()
-    assert (result.rank, result.world_size, result.launcher, result.sharded) == (0, 1, "single", False)
+    assert (result.rank, result.world_size, result.launcher, result.sharded) == (
+        0,
+        1,
+        "single",
+        False,
+    )
 
 
 def test_num_shard_makes_this_process_rank_0_of_a_local_group() -> None:
@@ -35,8 +40,17 @@ def test_a_launchers_environment_names_the_rank() -> None:
         MASTER_PORT="23456",
         TORCHELASTIC_RESTART_COUNT="2",
     )
-    assert (result.rank, result.world_size, result.local_rank, result.local_world_size) == (3, 4, 1, 2)
-    assert (result.master_addr, result.master_port, result.launcher) == ("10.0.0.1", 23456, "external")
+    assert (result.rank, result.world_size, result.local_rank, result.local_world_size) == (
+        3,
+        4,
+        1,
+        2,
+    )
+    assert (result.master_addr, result.master_port, result.launcher) == (
+        "10.0.0.1",
+        23456,
+        "external",
+    )
     assert result.attempt == 2 and not result.is_driver
 
 
