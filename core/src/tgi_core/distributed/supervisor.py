@@ -235,9 +235,11 @@ class ShardSupervisor:
         if self.failure is not None:
             self._abort_workers(self.failure)
         if self.local is not None:
-            grace = WORKER_EXIT_GRACE if self.failure is None else 2 * self._interval
-            if not self.local.wait(grace):
-                self.local.terminate()
+            if self.failure is None:
+                if not self.local.wait(WORKER_EXIT_GRACE):
+                    self.local.terminate()
+            elif not self.local.wait(2 * self._interval):  # the abort reaches them first
+                self.local.terminate(grace=1.0)  # a hung rank ignores SIGTERM
         if self.failure is None and self.group is not None:
             self.group.close()
         log.info("tensor-parallel group stopped", failure=self.failure)
