@@ -234,21 +234,27 @@ class ShardLab:
     def wait_healthy(base: str, ranks: list[Rank]) -> None:
         wait_healthy(base, ranks)
 
-    def torchrun(self, model: Path, *options: str) -> tuple[str, Rank]:
-        """`torchrun --standalone --nproc-per-node 2 -m tgi_core.cli serve ...` (not
-        waited for): its URL and the torchrun process (the ranks' output is its own)."""
-        port = free_port()
-        serve = serve_command(model, port, *options)[1:]  # without the interpreter
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            *serve,
-        ]
-        return f"http://127.0.0.1:{port}", self._rank(command, clean_environ(), "torchrun")
+    def torchrun(self, model: Path, *, nodes: int = 1) -> tuple[str, list[Rank]]:
+        """torchrun processes serving ``model`` with 2 ranks (not waited for): with one
+        node, ``--standalone --nproc-per-node 2``; with two, the two-node form of
+        docs/sharding.md, both nodes on loopback. The ranks' output is torchrun's."""
+        port, master = free_port(), free_port()
+        serve = serve_command(model, port)[1:]  # without the interpreter
+        launcher = [sys.executable, "-m", "torch.distributed.run"]
+        if nodes == 1:
+            commands = [[*launcher, "--standalone", "--nproc-per-node", "2", *serve]]
+        else:
+            commands = [
+                [
+                    *launcher,
+                    *("--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node)),
+                    *("--master-addr", "127.0.0.1", "--master-port", str(master)),
+                    *serve,
+                ]
+                for node in range(2)
+            ]
+        started = [self._rank(c, clean_environ(), "torchrun") for c in commands]
+        return f"http://127.0.0.1:{port}", started
 
     def stop_all(self) -> None:
         for rank in self.started:

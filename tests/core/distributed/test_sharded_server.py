@@ -240,17 +240,24 @@ def test_a_rank_that_cannot_start_stops_the_group(
     assert "Error: rank 1 failed while loading its shard: CheckpointError: model folder" in output
 
 
-def test_the_same_command_under_torchrun(shard_checkpoints: dict[str, Path], lab: Any) -> None:
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_the_same_command_under_torchrun(
+    shard_checkpoints: dict[str, Path], lab: Any, nodes: int
+) -> None:
     """torchrun's own rendezvous (its agent hosts the store and says so with
-    TORCHELASTIC_USE_AGENT_STORE); on SIGTERM it signals every rank, and the group stops
-    gracefully (torchrun then exits 1 on its own account: it reports the signal it got)."""
-    base, launcher = lab.torchrun(shard_checkpoints["llama-2kv"])
-    lab.wait_healthy(base, [launcher])
+    TORCHELASTIC_USE_AGENT_STORE), on one node or on two; on SIGTERM torchrun signals
+    its ranks and the group stops gracefully (torchrun then exits 1 on its own account:
+    it reports the signal it got)."""
+    base, launchers = lab.torchrun(shard_checkpoints["llama-2kv"], nodes=nodes)
+    lab.wait_healthy(base, launchers)
     assert httpx.get(f"{base}/info").json()["num_shard"] == 2
     response = httpx.post(f"{base}/generate", json=body("import os\n"), timeout=60)
     assert response.status_code == 200
-    launcher.process.send_signal(signal.SIGTERM)
-    launcher.process.wait(timeout=60)
-    events = [(line["event"], line.get("rank"), line.get("failure")) for line in launcher.lines()]
+    for launcher in launchers:
+        launcher.process.send_signal(signal.SIGTERM)
+    for launcher in launchers:
+        launcher.process.wait(timeout=60)
+    lines = [line for launcher in launchers for line in launcher.lines()]
+    events = [(line["event"], line.get("rank"), line.get("failure")) for line in lines]
     assert ("shard stopped", 1, None) in events
     assert ("tensor-parallel group stopped", None, None) in events
