@@ -44,6 +44,11 @@ def body(prompt: str) -> dict[str, Any]:
     }
 
 
+#: Two greedy samples of one prompt: the second forks the first's blocks, and its first
+#: write into their shared last block is a copy-on-write block copy (sent in the plan).
+FORKED = {"model": "tgi", "prompt": "import os\n", "max_tokens": 8, "n": 2, "temperature": 0}
+
+
 def reference_responses(model: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     app = build_test_app(
         str(model),
@@ -57,7 +62,9 @@ def reference_responses(model: Path) -> tuple[list[dict[str, Any]], dict[str, An
             response = client.post("/generate", json=body(prompt))
             assert response.status_code == 200, response.text
             responses.append(response.json())
-        return responses, client.get("/info").json()
+        forked = client.post("/v1/completions", json=FORKED)
+        assert forked.status_code == 200, forked.text
+        return responses, client.get("/info").json() | {"forked": forked.json()}
 
 
 def sharded_responses(base: str) -> list[dict[str, Any]]:
@@ -102,6 +109,10 @@ def test_two_shards_generate_what_one_does(
     base, rank0 = lab.sharded(path, "--enable-prefill-logprobs")
     for got, want in zip(sharded_responses(base), expected, strict=True):
         assert_same_generation(got, want)
+    forked = httpx.post(f"{base}/v1/completions", json=FORKED, timeout=60).json()
+    texts = [choice["text"] for choice in forked["choices"]]
+    assert texts == [choice["text"] for choice in expected_info["forked"]["choices"]]
+    assert texts[0] == texts[1]
     info = httpx.get(f"{base}/info").json()
     assert (info["num_shard"], expected_info["num_shard"]) == (2, 1)
     # each rank measured its own weights and the bytes it read: about half the model
