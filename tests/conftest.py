@@ -27,7 +27,8 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     for info in FIELDS.values():
         if info.env:
             monkeypatch.delenv(info.env, raising=False)
-    for name in ("TGI_LOAD_PLUGINS", "TGI_CONFIG", "TGI_TRACE_PLUGINS"):
+    launcher = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")  # torchrun's
+    for name in ("TGI_LOAD_PLUGINS", "TGI_CONFIG", "TGI_TRACE_PLUGINS", *launcher):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -153,6 +154,7 @@ def _server_environ() -> dict[str, str]:
 
     names = {info.env for info in FIELDS.values() if info.env}
     names |= {"TGI_LOAD_PLUGINS", "TGI_CONFIG", "TGI_TRACE_PLUGINS"}
+    names |= {"WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}  # a launcher's
     return {key: value for key, value in os.environ.items() if key not in names}
 
 

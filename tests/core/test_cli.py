@@ -104,6 +104,14 @@ def test_plugins_json(run) -> None:
     assert llama["attention_backends"] == [] and llama["frontends"] == []
 
 
+def test_plugins_show_the_shard_count_and_its_source(run) -> None:
+    assert "Sharding: 1 shard (from default)" in run("plugins").output
+    data = json.loads(run("plugins", "--json", env={"NUM_SHARD": "2"}).output)
+    assert data["sharding"] == {"num_shard": 2, "source": "env:NUM_SHARD", "launcher": "tgi"}
+    launched = run("plugins", env={"WORLD_SIZE": "4", "RANK": "3"}).output
+    assert "Sharding: 4 shards (from env:WORLD_SIZE)" in launched
+
+
 def test_plugin_errors_are_one_line(run, make_distribution) -> None:
     make_distribution(
         "tgi-broken", {"tgi_broken": "raise RuntimeError('boom')\n"}, {"broken": "tgi_broken"}

@@ -190,11 +190,30 @@ class ServeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
         _opt("Seconds in-flight requests may take to finish after SIGTERM.", "Server"),
     ] = 90
     # -- Sharding ---------------------------------------------------------------------
-    num_shard: Annotated[PositiveInt, _opt("Tensor-parallel ranks.", "Sharding")] = 1
+    num_shard: Annotated[
+        PositiveInt,
+        _opt(
+            "Tensor-parallel ranks: this machine starts them, or a launcher (torchrun) "
+            "does and sets WORLD_SIZE, which must then agree.",
+            "Sharding",
+        ),
+    ] = 1
     master_addr: Annotated[
-        NonEmptyStr, _opt("torch.distributed rendezvous address.", "Sharding")
+        NonEmptyStr, _opt("torch.distributed rendezvous address (rank 0's host).", "Sharding")
     ] = "localhost"
     master_port: Annotated[Port, _opt("torch.distributed rendezvous port.", "Sharding")] = 29500
+    shard_timeout: Annotated[
+        Annotated[float, Meta(gt=0)],
+        _opt(
+            "Seconds a rank may stay silent (in a collective, or without a heartbeat) "
+            "before the group is declared failed and shut down.",
+            "Sharding",
+        ),
+    ] = 60.0
+    shard_startup_timeout: Annotated[
+        Annotated[float, Meta(gt=0)],
+        _opt("Seconds the ranks may take to join the group and load their shards.", "Sharding"),
+    ] = 600.0
     # -- Logging ----------------------------------------------------------------------
     json_output: Annotated[
         bool | None,
@@ -299,6 +318,8 @@ def _describe(info: mi.Type) -> str:
             return f"{noun} from {low} to {high}"
         if low is not None:
             return f"{noun} >= {low}"
+        if info.gt is not None:
+            return f"{noun} > {info.gt}"
         return noun
     if isinstance(info, mi.StrType):
         return "a non-empty string" if info.min_length else "a string"

@@ -44,6 +44,10 @@ these deliberate differences:
   it names a local checkpoint folder or a model source a plugin registered (`demo`);
   unset, the demo model of `tgi-demo` is served when it is installed. `num_shard`
   defaults to 1 (TGI: every visible GPU).
+- `MASTER_ADDR` and `MASTER_PORT` are torch.distributed's own variables, so a launcher
+  (torchrun) that sets them, with `WORLD_SIZE` and `RANK`, makes this process one rank
+  of its group (`docs/sharding.md`). `shard_timeout` and `shard_startup_timeout` are
+  ours: TGI's launcher has no such settings.
 - `json_output` unset means JSON lines unless stderr is a terminal; `log_level` takes
   any case and `warn`.
 - The legacy spellings `--max-input-length` / `MAX_INPUT_LENGTH` are accepted for

@@ -1,8 +1,10 @@
-"""What ``tgi-core plugins`` prints: installed plugins and what each registered."""
+"""What ``tgi-core plugins`` prints: installed plugins and what each registered, and the
+tensor-parallel shard count ``tgi-core serve`` would use here."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from tgi_core.registry import Registry
@@ -37,15 +39,46 @@ def spec_as_json(spec: AnySpec) -> dict[str, Any]:
     return result
 
 
-def plugins_as_json(registry: Registry) -> dict[str, Any]:
-    """``tgi-core plugins --json``: one object per plugin, in load order."""
+def plugins_as_json(registry: Registry, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``tgi-core plugins --json``: one object per plugin, in load order, and sharding."""
     plugins = []
     for info in registry.plugins:
         entry: dict[str, Any] = dataclasses.asdict(info)
         for key, specs in registry.registered_by(info.name).items():
             entry[key] = [spec_as_json(spec) for spec in specs]
         plugins.append(entry)
-    return {"plugins": plugins}
+    return {"plugins": plugins, "sharding": sharding_as_json(environ)}
+
+
+def sharding_as_json(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The shard count ``tgi-core serve`` would start with in this environment
+    (``NUM_SHARD``, or a launcher's ``WORLD_SIZE``) and where it comes from."""
+    from tgi_core.config import load_config
+    from tgi_core.distributed.topology import resolve_topology
+    from tgi_core.errors import ConfigError
+
+    try:
+        resolved = load_config(environ=environ)
+        topology = resolve_topology(resolved, environ)
+    except ConfigError as exc:
+        return {"num_shard": None, "error": str(exc)}
+    if topology.launcher == "external":
+        source = "env:WORLD_SIZE"
+    else:
+        source = resolved.sources["num_shard"].short()
+    return {"num_shard": topology.world_size, "source": source, "launcher": topology.launcher}
+
+
+def describe_sharding(sharding: Mapping[str, Any]) -> str:
+    """One line: the shard count, its source, and the collective backends."""
+    if sharding["num_shard"] is None:
+        return f"Sharding: unknown ({sharding['error']})"
+    count = sharding["num_shard"]
+    shards = "1 shard" if count == 1 else f"{count} shards"
+    return (
+        f"Sharding: {shards} (from {sharding['source']}); tensor parallelism on "
+        "torch.distributed: gloo on CPU, NCCL on CUDA"
+    )
 
 
 def describe_spec(spec: AnySpec) -> str:
@@ -94,5 +127,6 @@ def render_plugins_table(registry: Registry) -> None:
         table.add_row(info.name, distribution, info.version, registered_text)
     if not registry.plugins:
         print("No plugins loaded.")
-        return
-    print_table(table)
+    else:
+        print_table(table)
+    print(describe_sharding(sharding_as_json()))

@@ -185,6 +185,13 @@ class LoadedModel:
     hf_config: Any
     checkpoint: Checkpoint
     dtype: torch.dtype
+    #: bytes read from the checkpoint's files while loading
+    bytes_read: int = 0
+
+    @property
+    def weight_bytes(self) -> int:
+        """Memory of the model's parameters (shared ones counted once)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
 
 def load_model(
@@ -208,4 +215,4 @@ def load_model(
         ) from exc
     load_weights(model, weights, progress=progress)
     model.eval()
-    return LoadedModel(model, spec, hf_config, checkpoint, ctx.dtype)
+    return LoadedModel(model, spec, hf_config, checkpoint, ctx.dtype, weights.bytes_read)

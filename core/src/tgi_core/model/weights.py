@@ -92,6 +92,8 @@ class SafetensorsWeights:
         #: tensor name -> the file holding it
         self.files = files
         self._handles: dict[Path, Any] = {}
+        #: bytes read from the files so far (a rank of a sharded model reads its share)
+        self.bytes_read = 0
 
     @classmethod
     def from_files(cls, paths: list[Path]) -> SafetensorsWeights:
@@ -134,7 +136,10 @@ class SafetensorsWeights:
 
         def read(slices: tuple[slice, ...]) -> torch.Tensor:
             if not slices:
-                return self._handle(self.files[name]).get_tensor(name)
-            return tensor_slice[slices]
+                tensor = self._handle(self.files[name]).get_tensor(name)
+            else:
+                tensor = tensor_slice[slices]
+            self.bytes_read += tensor.numel() * tensor.element_size()
+            return tensor
 
         return LazyTensor(name, shape, read)

@@ -70,6 +70,9 @@ async def probe(state: ServerState) -> bool:
 def _core_routes(state: ServerState) -> list[HTTPRouteHandler]:
     @get(["/health", "/ping"], summary="Health", include_in_schema=True)
     async def health() -> Response[Any]:
+        if state.failure is not None:
+            error = f"unhealthy: {state.failure}"
+            return Response({"error": error, "error_type": "healthcheck"}, status_code=503)
         if state.healthy or await probe(state):
             return Response(None, status_code=200)
         return Response({"error": "unhealthy", "error_type": "healthcheck"}, status_code=503)
@@ -100,6 +103,7 @@ def _core_routes(state: ServerState) -> list[HTTPRouteHandler]:
             "block_size": model.block_size,
             "max_batch_total_tokens": model.kv_tokens,
             "prefix_caching": config.prefix_caching,
+            "num_shard": model.num_shard,
             "plugins": state.plugins,
         }
 
@@ -194,6 +198,8 @@ def build_app(
 
     def stop_engine() -> None:
         state.engine.shutdown()
+        for hook in state.on_shutdown:
+            hook()
 
     config = state.config
     origins = list(config.cors_allow_origin) if config.cors_allow_origin else ["*"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tgi_core.config import ResolvedConfig
 from tgi_core.errors import ConfigError
@@ -13,6 +13,9 @@ from tgi_core.registry import Registry
 from tgi_core.server.chat_template import ChatTemplate, ChatTemplateError
 from tgi_core.server.metrics import ServerMetrics
 from tgi_core.server.state import ModelInfo, ServerState
+
+if TYPE_CHECKING:
+    from tgi_core.distributed.supervisor import ShardSupervisor
 
 log = get_logger("tgi_core.server")
 #: Share of the memory available after loading that the KV cache may take by default.
@@ -68,8 +71,15 @@ def _decoder_start(hf_config: Any) -> int:
     raise ConfigError("the encoder-decoder model's config names no decoder_start_token_id")
 
 
-def build_state(resolved: ResolvedConfig, registry: Registry) -> ServerState:
-    """Load the model and its tokenizer, size the KV cache, build the engine."""
+def build_state(
+    resolved: ResolvedConfig, registry: Registry, shards: ShardSupervisor | None = None
+) -> ServerState:
+    """Load the model and its tokenizer, size the KV cache, build the engine.
+
+    With ``shards`` (rank 0 of a tensor-parallel group), the model is this rank's shard,
+    the KV cache is sized once every rank has loaded (the machine's memory is shared by
+    its ranks), and the runner broadcasts each step's plan to the other ranks.
+    """
     import torch
     from transformers import AutoTokenizer
 
@@ -95,6 +105,10 @@ def build_state(resolved: ResolvedConfig, registry: Registry) -> ServerState:
         spec, registry, config.attention, needs=required_features(loaded.model)
     )
     backend = backend_spec.load()()
+    local_ranks = 1
+    if shards is not None:
+        shards.wait_loaded(loaded.weight_bytes, loaded.bytes_read)
+        local_ranks = shards.topology.local_world_size
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as exc:
@@ -105,7 +119,8 @@ def build_state(resolved: ResolvedConfig, registry: Registry) -> ServerState:
     if config.max_batch_total_tokens is not None:
         num_blocks = -(-config.max_batch_total_tokens // config.block_size)
     else:
-        num_blocks = max(1, int(_available_memory() * KV_MEMORY_FRACTION // block_bytes))
+        share = _available_memory() * KV_MEMORY_FRACTION / local_ranks
+        num_blocks = max(1, int(share // block_bytes))
     capacity = num_blocks * config.block_size
     context = int(getattr(loaded.hf_config, "max_position_embeddings", capacity) or capacity)
     max_total = config.max_total_tokens or min(context, capacity)
@@ -115,14 +130,18 @@ def build_state(resolved: ResolvedConfig, registry: Registry) -> ServerState:
             "tokens); lower it or raise max_batch_total_tokens"
         )
     max_input = config.max_input_tokens or max_total - 1
+    runner_args: dict[str, Any] = {
+        "num_blocks": num_blocks,
+        "block_size": config.block_size,
+        "model_dtype": dtype,
+    }
+    runner = (
+        ModelRunner(loaded.model, backend, **runner_args)
+        if shards is None
+        else shards.build_runner(loaded.model, backend, attention=backend_spec.name, **runner_args)
+    )
     engine = Engine(
-        ModelRunner(
-            loaded.model,
-            backend,
-            num_blocks=num_blocks,
-            block_size=config.block_size,
-            model_dtype=dtype,
-        ),
+        runner,
         EngineConfig(
             num_blocks=num_blocks,
             block_size=config.block_size,
@@ -147,6 +166,7 @@ def build_state(resolved: ResolvedConfig, registry: Registry) -> ServerState:
         dtype=str(dtype).removeprefix("torch."),
         attention=backend_spec.name,
         threads=torch.get_num_threads(),
+        num_shard=shards.world_size if shards is not None else 1,
     )
     model = ModelInfo(
         model_id=model_name,
@@ -161,6 +181,7 @@ def build_state(resolved: ResolvedConfig, registry: Registry) -> ServerState:
         kv_tokens=capacity,
         vocab_size=int(getattr(loaded.hf_config, "vocab_size", 0) or len(tokenizer)),
         sampling_defaults=sampling_defaults(loaded.checkpoint.generation_config),
+        num_shard=shards.world_size if shards is not None else 1,
     )
     plugins = [
         {"name": p.name, "distribution": p.distribution, "version": p.version}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,8 @@ class ModelInfo:
     #: sampling settings of the checkpoint's generation_config.json, which OpenAI
     #: requests that leave them out take (``SAMPLING_DEFAULT_FIELDS``)
     sampling_defaults: dict[str, float] = field(default_factory=dict)
+    #: tensor-parallel ranks serving the model
+    num_shard: int = 1
 
 
 class Slot:
@@ -50,6 +53,9 @@ class ServerState:
 
     ``healthy`` is False until the warm-up generation succeeded, and again after a
     generation failed, until a probe generation succeeds (``/health`` runs it).
+    ``failure`` says why the server can never serve again (a rank of its tensor-parallel
+    group failed): ``/health`` then answers 503 without probing, while the server shuts
+    down. ``on_shutdown`` runs, in order, once the engine thread has stopped.
     """
 
     config: ServeConfig
@@ -61,6 +67,8 @@ class ServerState:
     metrics: ServerMetrics | None = None
     healthy: bool = False
     in_flight: int = 0
+    failure: str | None = None
+    on_shutdown: list[Callable[[], None]] = field(default_factory=list)
 
     def admit(self) -> Slot:
         """Take a request slot, or fail at once with 429 (TGI never queues past the limit)."""
