@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from tgi_core.attention import sdpa
 from tgi_core.attention.batch import ForwardBatch, SequenceChunk, slots_for
 from tgi_core.attention.kv_cache import KVCache
 from tgi_core.attention.reference import ReferenceBackend
@@ -108,21 +109,36 @@ def test_backend_matches_dense_attention(backend_cls, heads, kv_heads, window, a
         assert torch.equal(cache.values[0][slots], scenario.v[i])
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
 @pytest.mark.parametrize("backend_cls", BACKENDS)
-def test_bfloat16_inputs_give_bfloat16_outputs_computed_in_float32(backend_cls) -> None:
+def test_bfloat16_inputs_give_bfloat16_outputs(
+    backend_cls, native_bf16: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sdpa keeps a bf16 cache and computes in bf16 where the CPU has native bf16, float32
+    otherwise; the reference backend always uses float32. Either way the output is bf16
+    and within bf16 rounding of exact attention over the same bf16 inputs."""
+    monkeypatch.setattr(sdpa, "cpu_has_native_bf16", lambda: native_bf16)
     scenario = Scenario([6, 2], heads=2, kv_heads=2)
     layer = Attention(2, 8, 2, scale=0.3)
     layer.layer_index = 0
     cache = KVCache.allocate([layer], 200, BLOCK, backend_cls().kv_cache_dtype(torch.bfloat16))
-    assert cache.keys[0].dtype == torch.float32
+    bf16_cache = backend_cls is SdpaBackend and native_bf16
+    assert cache.keys[0].dtype == (torch.bfloat16 if bf16_cache else torch.float32)
+    assert backend_cls().kv_cache_dtype(torch.float32) == torch.float32
     batch = ForwardBatch.build(
         [SequenceChunk(0, 6, scenario.tables[0]), SequenceChunk(0, 2, scenario.tables[1])],
         cache,
         backend_cls(),
     )
-    q = torch.cat(scenario.q).bfloat16()
-    out = layer(q, torch.cat(scenario.k).bfloat16(), torch.cat(scenario.v).bfloat16(), batch)
+    q, k, v = (torch.cat(t).bfloat16() for t in (scenario.q, scenario.k, scenario.v))
+    out = layer(q, k, v, batch)
     assert out.dtype == torch.bfloat16 and out.shape == (8, 16)
+    for i, (start, end) in enumerate([(0, 6), (6, 8)]):
+        expected = dense_attention(
+            q[start:end].float(), k[start:end].float(), v[start:end].float(), scale=0.3
+        )
+        got = out[start:end].view(-1, 2, 8).float()
+        torch.testing.assert_close(got, expected, atol=3e-2, rtol=2e-2, msg=f"sequence {i}")
 
 
 def test_batch_metadata() -> None:

@@ -30,6 +30,7 @@ class KVCache:
     values: list[torch.Tensor]
     num_blocks: int
     block_size: int
+    dtype: torch.dtype = torch.float32
 
     @classmethod
     def allocate(
@@ -47,7 +48,7 @@ class KVCache:
             shape = (num_blocks * block_size, layer.num_kv_heads, layer.head_dim)
             keys.append(torch.zeros(shape, dtype=dtype, device=device))
             values.append(torch.zeros(shape, dtype=dtype, device=device))
-        return cls(keys, values, num_blocks, block_size)
+        return cls(keys, values, num_blocks, block_size, dtype)
 
     @staticmethod
     def bytes_per_block(layers: Sequence[Attention], block_size: int, dtype: torch.dtype) -> int:

@@ -14,8 +14,12 @@ source of the step (bidirectional, no cache), and cross-attention layers attend 
 sequence's source keys and values, kept in the cache since its encoder ran. T5's
 relative position bias is computed once per step and shared by every layer.
 
-Attention math runs in float32 with a float32 cache: on CPU, bf16 SDPA is several times
-slower than fp32 (docs/benchmarks.md), and it keeps the scores exact.
+The cache and the attention math are bfloat16 for a bfloat16 model on a CPU that
+computes bf16 natively (AVX-512 BF16 or AMX: there bf16 SDPA measured 2-3x faster than
+float32, and the gathers move half the bytes), float32 otherwise (where bf16 is emulated,
+bf16 SDPA is several times slower; docs/benchmarks.md). Layers with an additive position
+bias (ALiBi, T5's relative bias) always compute in float32, so the bias keeps its
+precision, reading a bf16 cache through a conversion.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 
 from tgi_core.attention.backend import AttentionBackend
 from tgi_core.attention.batch import ForwardBatch, slots_for
+from tgi_core.model.base import cpu_has_native_bf16
 from tgi_core.model.layers.attention import Attention
 
 
@@ -93,7 +98,15 @@ class SdpaBackend(AttentionBackend):
     )
 
     def kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        if model_dtype == torch.bfloat16 and cpu_has_native_bf16():
+            return torch.bfloat16
         return torch.float32
+
+    @staticmethod
+    def _compute_dtype(layer: Attention, cache_dtype: torch.dtype) -> torch.dtype:
+        """The cache's dtype, or float32 for a layer that adds a position bias."""
+        plain = layer.alibi_slopes is None and layer.position_bias is None
+        return cache_dtype if plain else torch.float32
 
     def prepare(self, batch: ForwardBatch) -> _Plan:
         decode_ids = [i for i, chunk in enumerate(batch.chunks) if chunk.num_new == 1]
@@ -174,6 +187,7 @@ class SdpaBackend(AttentionBackend):
         keys, values = cache.keys[layer.layer_index], cache.values[layer.layer_index]
         plan: _Plan = batch.state
         gqa = layer.num_kv_heads != layer.num_heads
+        dtype = self._compute_dtype(layer, keys.dtype)
         if plan.decode_only:  # the common case: one token per sequence, in order
             assert plan.decodes is not None
             return (
@@ -181,19 +195,19 @@ class SdpaBackend(AttentionBackend):
                 .to(q.dtype)
                 .flatten(1)
             )
-        out = torch.empty(q.shape[0], layer.num_heads, layer.head_dim, dtype=torch.float32)
+        out = torch.empty(q.shape[0], layer.num_heads, layer.head_dim, dtype=dtype)
         if plan.decodes is not None:
             out[plan.decodes.rows] = self._decodes(
                 layer, q[plan.decodes.rows], keys, values, plan.decodes, gqa, plan
             )
         for p in plan.prefills:
-            query = q[p.start : p.end].float().transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            query = q[p.start : p.end].to(dtype).transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             if p.slots is None:
-                key, value = k[p.start : p.end].float(), v[p.start : p.end].float()
+                key, value = k[p.start : p.end], v[p.start : p.end]
             else:
                 key, value = keys.index_select(0, p.slots), values.index_select(0, p.slots)
-            key = key.transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
-            value = value.transpose(0, 1).unsqueeze(0)
+            key = key.to(dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+            value = value.to(dtype).transpose(0, 1).unsqueeze(0)
             mask = self._prefill_mask(layer, p, key.shape[2], plan)
             attended = F.scaled_dot_product_attention(
                 query,
@@ -217,12 +231,14 @@ class SdpaBackend(AttentionBackend):
         gqa: bool,
         plan: _Plan,
     ) -> torch.Tensor:
-        """Attention of one query per sequence ``q`` ``[S, H, D]`` -> ``[S, H, D]`` (fp32)."""
+        """Attention of one query per sequence ``q`` ``[S, H, D]`` -> ``[S, H, D]``, in the
+        layer's compute dtype."""
+        dtype = self._compute_dtype(layer, keys.dtype)
         shape = (*d.slots.shape, layer.num_kv_heads, layer.head_dim)
-        key = keys.index_select(0, d.flat_slots).view(shape).transpose(1, 2)  # [S, Hkv, L, D]
-        value = values.index_select(0, d.flat_slots).view(shape).transpose(1, 2)
+        key = keys.index_select(0, d.flat_slots).view(shape).to(dtype).transpose(1, 2)
+        value = values.index_select(0, d.flat_slots).view(shape).to(dtype).transpose(1, 2)
         attended = F.scaled_dot_product_attention(
-            q.float().unsqueeze(2),
+            q.to(dtype).unsqueeze(2),
             key,
             value,
             attn_mask=self._decode_mask(layer, d, plan),
@@ -291,7 +307,8 @@ class SdpaBackend(AttentionBackend):
         assert batch.encoder is not None
         plan: _Plan = batch.state
         starts = batch.encoder.query_start
-        out = torch.empty(q.shape[0], layer.num_heads, layer.head_dim, dtype=torch.float32)
+        dtype = self._compute_dtype(layer, batch.kv_cache.dtype)
+        out = torch.empty(q.shape[0], layer.num_heads, layer.head_dim, dtype=dtype)
         for start, end in itertools.pairwise(starts):
             mask = None
             if layer.position_bias is not None:
@@ -301,9 +318,9 @@ class SdpaBackend(AttentionBackend):
                     plan.memo[key] = layer.position_bias(positions, positions)[None]
                 mask = plan.memo[key]
             attended = F.scaled_dot_product_attention(
-                q[start:end].float().transpose(0, 1)[None],
-                k[start:end].float().transpose(0, 1)[None],
-                v[start:end].float().transpose(0, 1)[None],
+                q[start:end].to(dtype).transpose(0, 1)[None],
+                k[start:end].to(dtype).transpose(0, 1)[None],
+                v[start:end].to(dtype).transpose(0, 1)[None],
                 attn_mask=mask,
                 scale=layer.scale,
                 enable_gqa=layer.num_kv_heads != layer.num_heads,
@@ -319,15 +336,16 @@ class SdpaBackend(AttentionBackend):
         keys = batch.kv_cache.keys[layer.layer_index]
         values = batch.kv_cache.values[layer.layer_index]
         gqa = layer.num_kv_heads != layer.num_heads
-        out = torch.empty(q.shape[0], layer.num_heads, layer.head_dim, dtype=torch.float32)
+        dtype = self._compute_dtype(layer, keys.dtype)
+        out = torch.empty(q.shape[0], layer.num_heads, layer.head_dim, dtype=dtype)
         if cross.single_rows:  # one query per sequence: one batched call
             index = torch.tensor(cross.single_rows)
             slots = cross.slots[index]
             shape = (*slots.shape, layer.num_kv_heads, layer.head_dim)
-            key = keys.index_select(0, slots.flatten()).view(shape).transpose(1, 2)
-            value = values.index_select(0, slots.flatten()).view(shape).transpose(1, 2)
+            key = keys.index_select(0, slots.flatten()).view(shape).to(dtype).transpose(1, 2)
+            value = values.index_select(0, slots.flatten()).view(shape).to(dtype).transpose(1, 2)
             out[cross.rows] = F.scaled_dot_product_attention(
-                q[cross.rows].float().unsqueeze(2),
+                q[cross.rows].to(dtype).unsqueeze(2),
                 key,
                 value,
                 attn_mask=cross.valid[index][:, None, None, :],
@@ -340,9 +358,9 @@ class SdpaBackend(AttentionBackend):
             start, end = batch.query_start[row], batch.query_start[row + 1]
             slots = cross.slots[row, : chunk.encoder_len]
             attended = F.scaled_dot_product_attention(
-                q[start:end].float().transpose(0, 1)[None],
-                keys.index_select(0, slots).transpose(0, 1)[None],
-                values.index_select(0, slots).transpose(0, 1)[None],
+                q[start:end].to(dtype).transpose(0, 1)[None],
+                keys.index_select(0, slots).to(dtype).transpose(0, 1)[None],
+                values.index_select(0, slots).to(dtype).transpose(0, 1)[None],
                 scale=layer.scale,
                 enable_gqa=gqa,
             )
