@@ -79,7 +79,7 @@ def test_plugins_table_in_a_fresh_process(with_installed_plugins) -> None:
         re.MULTILINE,
     )
     assert "attention test-attention on cpu: causal, paged_kv" in result.stdout
-    assert "quantizer test-quant (loads testq)" in result.stdout
+    assert "quantizer test-quant (quantizes at load; loads testq)" in result.stdout
     assert "frontend hello: /hello" in result.stdout
 
 

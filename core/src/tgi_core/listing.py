@@ -90,8 +90,10 @@ def describe_spec(spec: AnySpec) -> str:
         features = ", ".join(sorted(spec.features)) or "no features"
         return f"attention {spec.name} on {'/'.join(spec.devices)}: {features}"
     if isinstance(spec, QuantizerSpec):
-        loads = f" (loads {', '.join(spec.quant_methods)})" if spec.quant_methods else ""
-        return f"quantizer {spec.name}{loads}"
+        what = ["quantizes at load"] if spec.quantizes_at_load else []
+        if spec.quant_methods:
+            what.append(f"loads {', '.join(spec.quant_methods)}")
+        return f"quantizer {spec.name} ({'; '.join(what) or 'nothing'})"
     if isinstance(spec, FrontendSpec):
         routes = f": {' '.join(spec.routes)}" if spec.routes else ""
         return f"frontend {spec.name}{routes}"

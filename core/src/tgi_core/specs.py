@@ -160,13 +160,18 @@ class AttentionBackendSpec(_Spec):
 class QuantizerSpec(_Spec):
     """A weight quantization method, chosen with ``--quantize NAME``.
 
-    ``quant_methods`` lists the ``quantization_config.quant_method`` values of
-    pre-quantized checkpoints that this quantizer loads.
+    ``factory(ctx)`` is called with a ``tgi_core.model.quantization.QuantizerContext``
+    and returns a ``Quantizer`` (the contract is in that module). ``quant_methods``
+    lists the ``quantization_config.quant_method`` values of pre-quantized checkpoints
+    that this quantizer loads (it is then chosen for them without ``--quantize``);
+    ``quantizes_at_load`` says whether it also quantizes a float checkpoint's weights
+    while loading them.
     """
 
     name: str
     factory: Factory
     quant_methods: tuple[str, ...] = ()
+    quantizes_at_load: bool = True
     description: str = ""
 
     def __post_init__(self) -> None:

@@ -74,6 +74,16 @@ class Checkpoint:
         value = self.config.get("model_type")
         return str(value) if value else None
 
+    @property
+    def quantization_config(self) -> dict[str, Any] | None:
+        """config.json's ``quantization_config`` (a pre-quantized checkpoint), or None."""
+        value = self.config.get("quantization_config")
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{self.path}/config.json: quantization_config must be an object")
+        return value
+
     def hf_config(self) -> Any:
         """The transformers config object (rope settings in both spellings normalized)."""
         from transformers import AutoConfig, PretrainedConfig

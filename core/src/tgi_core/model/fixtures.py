@@ -96,13 +96,17 @@ def compare_with_transformers(
     block_size: int = 4,
     prefill_chunk: int | None = None,
     reference: Any = None,
+    quantize: str | None = None,
+    plugin_sections: Any = None,
 ) -> Comparison:
     """Serve ``path`` with the installed plugins and compare with transformers.
 
     All prompts are prefilled together in one packed batch (in chunks of
     ``prefill_chunk`` tokens if given), then ``decode_steps`` greedy tokens are decoded
     together through the paged cache; transformers runs each sequence alone, prompt then
-    one token at a time through its own cache, on the tokens we chose.
+    one token at a time through its own cache, on the tokens we chose. ``reference`` is
+    the transformers model to compare with (by default, ``path``'s); ``quantize`` and
+    ``plugin_sections`` are passed to the loader.
     """
     from tgi_core.model.base import ModelContext
     from tgi_core.model.loader import load_model
@@ -111,7 +115,13 @@ def compare_with_transformers(
     from tgi_core.registry import Registry
 
     registry = Registry.build(make_plugin_manager())
-    loaded = load_model(str(path), registry, ctx=ModelContext(dtype=dtype))
+    loaded = load_model(
+        str(path),
+        registry,
+        ctx=ModelContext(dtype=dtype),
+        quantize=quantize,
+        plugin_sections=plugin_sections,
+    )
     from tgi_core.attention.selection import required_features, select_backend
 
     backend_impl = select_backend(
@@ -236,12 +246,15 @@ def build_engine(
     dtype: torch.dtype = torch.float32,
     backend: str = "sdpa",
     tokenizer: Any = None,
+    quantize: str | None = None,
+    plugin_sections: Any = None,
     **config: Any,
 ) -> Any:
     """An :class:`~tgi_core.engine.engine.Engine` over a checkpoint (tests, benchmarks).
 
     ``config`` holds ``EngineConfig`` fields; ``eos_token_ids`` defaults to the
-    checkpoint's generation config.
+    checkpoint's generation config. ``quantize`` and ``plugin_sections`` are passed to
+    the loader.
     """
     from tgi_core.engine.engine import Engine, EngineConfig
     from tgi_core.engine.model_runner import ModelRunner
@@ -251,7 +264,13 @@ def build_engine(
     from tgi_core.registry import Registry
 
     registry = Registry.build(make_plugin_manager())
-    loaded = load_model(str(path), registry, ctx=ModelContext(dtype=dtype))
+    loaded = load_model(
+        str(path),
+        registry,
+        ctx=ModelContext(dtype=dtype),
+        quantize=quantize,
+        plugin_sections=plugin_sections,
+    )
     if "eos_token_ids" not in config:
         eos = (loaded.checkpoint.generation_config or {}).get("eos_token_id")
         config["eos_token_ids"] = tuple(

@@ -3,23 +3,29 @@
 Peak memory while loading is the model's weights plus the largest single tensor being
 read (safetensors slices are read lazily, converted into the parameter, and freed).
 Every tensor the checkpoint has must find a parameter, and every parameter must be
-filled: the error names a few of either when they don't.
+filled: the error names a few of either when they don't. With a quantizer
+(``tgi_core.model.quantization``), linear layers get the quantizer's methods before any
+tensor is read, and each layer is quantized or repacked as soon as it is complete.
 """
 
 from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import torch
 from torch import nn
 
 from tgi_core.model.base import ModelContext, default_torch_dtype
 from tgi_core.model.checkpoint import Checkpoint, CheckpointError
+from tgi_core.model.layers.linear import deferred_linear_methods
 from tgi_core.model.layers.norm import load_whole
+from tgi_core.model.quantization import bind_linear_methods, make_quantizer
 from tgi_core.model.weights import SafetensorsWeights
 from tgi_core.registry import Registry
 from tgi_core.specs import ModelSpec
@@ -117,10 +123,19 @@ def _untie_differing_aliases(model: nn.Module, weights: SafetensorsWeights) -> N
 
 
 def load_weights(model: nn.Module, weights: SafetensorsWeights, *, progress: bool = False) -> None:
-    """Fill every parameter of ``model`` from ``weights``; raise CheckpointError on mismatch."""
+    """Fill every parameter of ``model`` from ``weights``; raise CheckpointError on mismatch.
+
+    Each module's linear method gets ``process_weights_after_loading`` as soon as the
+    module's last tensor is in (a quantizer then holds few float layers at a time).
+    """
     _untie_differing_aliases(model, weights)
     canonical = _canonical_names(model)
     params = dict(model.named_parameters())
+    expected = _expected_loads(model, params)
+    waiting: dict[str, set[tuple[str, Any]]] = {}
+    for key in expected:
+        waiting.setdefault(key[0].rpartition(".")[0], set()).add(key)
+    processed: set[str] = set()
     loaded: set[tuple[str, Any]] = set()
     unexpected = []
     names = list(weights.names())
@@ -143,18 +158,35 @@ def load_weights(model: nn.Module, weights: SafetensorsWeights, *, progress: boo
             detail = str(exc).removeprefix(f"{name}: ")
             raise CheckpointError(f"cannot load tensor {name}: {detail}") from None
         loaded.add((param_name, shard_id))
+        module_name = param_name.rpartition(".")[0]
+        module_waits = waiting.get(module_name)
+        if module_waits is not None:
+            module_waits.discard((param_name, shard_id))
+            if not module_waits:
+                _process(module_name, model.get_submodule(module_name))
+                processed.add(module_name)
     if unexpected:
         raise CheckpointError(f"the checkpoint has tensors the model does not: {_few(unexpected)}")
-    missing = _expected_loads(model, params) - loaded
+    missing = expected - loaded
     if missing:
         raise CheckpointError(
             "the checkpoint lacks tensors the model needs: "
             + _few(name if shard is None else f"{name} ({shard})" for name, shard in missing)
         )
-    for module in model.modules():
-        method = getattr(module, "method", None)
-        if method is not None and hasattr(method, "process_weights_after_loading"):
-            method.process_weights_after_loading(module)
+    for name, module in model.named_modules():
+        if name not in processed:
+            _process(name, module)
+
+
+def _process(name: str, module: nn.Module) -> None:
+    """Run a module's ``process_weights_after_loading`` (repacking, quantizing), if any."""
+    method = getattr(module, "method", None)
+    if method is None or not hasattr(method, "process_weights_after_loading"):
+        return
+    try:
+        method.process_weights_after_loading(module)
+    except ValueError as exc:  # e.g. a quantized checkpoint's tensors disagree
+        raise CheckpointError(f"cannot prepare layer {name}: {exc}") from None
 
 
 def _canonical_names(model: nn.Module) -> dict[str, str]:
@@ -187,32 +219,65 @@ class LoadedModel:
     dtype: torch.dtype
     #: bytes read from the checkpoint's files while loading
     bytes_read: int = 0
+    #: the quantizer's name, or None for a float model
+    quantizer: str | None = None
+    #: how many linear layers the quantizer took
+    quantized_layers: int = 0
 
     @property
     def weight_bytes(self) -> int:
-        """Memory of the model's parameters (shared ones counted once)."""
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """Memory of the model's parameters and buffers (quantized weights live in
+        buffers; shared tensors counted once)."""
+        tensors = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def load_model(
-    path: str, registry: Registry, *, ctx: ModelContext, progress: bool = False
+    path: str,
+    registry: Registry,
+    *,
+    ctx: ModelContext,
+    progress: bool = False,
+    quantize: str | None = None,
+    plugin_sections: Mapping[str, msgspec.Struct] | None = None,
 ) -> LoadedModel:
-    """Open the checkpoint at ``path``, build its model and load its weights."""
+    """Open the checkpoint at ``path``, build its model and load its weights.
+
+    ``quantize`` names a registered quantizer (``--quantize``); a checkpoint that is
+    already quantized gets the quantizer that loads its ``quant_method`` without it.
+    """
     checkpoint = Checkpoint.open(path)
     spec = select_model_spec(checkpoint, registry)
+    active = make_quantizer(
+        checkpoint,
+        registry,
+        quantize,
+        dtype=ctx.dtype,
+        device=torch.device(ctx.device),
+        tp=ctx.tp,
+        plugin_sections=plugin_sections,
+    )
     hf_config = checkpoint.hf_config()
     try:
         weights = SafetensorsWeights.from_files(list(checkpoint.weight_files))
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"cannot read the weights of {checkpoint.path}: {exc}") from None
+    deferred = deferred_linear_methods() if active is not None else nullcontext()
     try:
-        with default_torch_dtype(ctx.dtype), torch.device(ctx.device):
+        with default_torch_dtype(ctx.dtype), torch.device(ctx.device), deferred:
             model = spec.load()(hf_config, ctx)
     except (ValueError, KeyError, TypeError, AttributeError, NotImplementedError) as exc:
         raise CheckpointError(
             f"model {spec.name!r} cannot be built for {checkpoint.path}/config.json: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+    quantized = 0
+    if active is not None:
+        with default_torch_dtype(ctx.dtype), torch.device(ctx.device):
+            quantized = bind_linear_methods(model, active)
     load_weights(model, weights, progress=progress)
     model.eval()
-    return LoadedModel(model, spec, hf_config, checkpoint, ctx.dtype, weights.bytes_read)
+    name = active.spec.name if active is not None else None
+    return LoadedModel(
+        model, spec, hf_config, checkpoint, ctx.dtype, weights.bytes_read, name, quantized
+    )

@@ -33,6 +33,12 @@ def _available_memory() -> int:
     return 4 * 1024**3
 
 
+def _weight_bytes(model: Any) -> int:
+    """Bytes held by a model's parameters and buffers."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+
 def _eos_ids(checkpoint: Any, tokenizer: Any) -> tuple[int, ...]:
     ids: list[int] = []
     for source in (checkpoint.generation_config or {}, checkpoint.config):
@@ -100,7 +106,21 @@ def build_state(
     spec = select_model_spec(Checkpoint.open(model_dir), registry)
     select_backend(spec, registry, config.attention)  # fail fast, before loading
     dtype = DTYPES[config.dtype] if config.dtype else default_dtype()
-    loaded = load_model(model_dir, registry, ctx=ModelContext(dtype=dtype), progress=True)
+    loaded = load_model(
+        model_dir,
+        registry,
+        ctx=ModelContext(dtype=dtype),
+        progress=True,
+        quantize=config.quantize,
+        plugin_sections=resolved.plugin_sections,
+    )
+    if loaded.quantizer is not None:
+        log.info(
+            "model quantized",
+            quantizer=loaded.quantizer,
+            linear_layers=loaded.quantized_layers,
+            weight_mib=round(_weight_bytes(loaded.model) / 2**20),
+        )
     backend_spec = select_backend(
         spec, registry, config.attention, needs=required_features(loaded.model)
     )

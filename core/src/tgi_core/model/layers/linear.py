@@ -2,16 +2,28 @@
 
 Every linear layer owns a :class:`LinearMethod` that creates its parameters and
 computes its forward; the default is a plain ``F.linear``. A quantizer supplies its own
-method (weight-only int8, int4, ...) and nothing else in the model changes.
+method (weight-only int8, int4, GPTQ, ...) and nothing else in the model changes. A
+layer built without a ``method`` while :func:`deferred_linear_methods` is active (the
+loader does this when a quantizer is in use) creates no weights until the loader calls
+:meth:`LinearBase.bind_method` with the method the quantizer chose for it.
 
 Weights are loaded per parameter: ``param.weight_loader(param, lazy, shard_id)`` reads
-only the slice that belongs to this rank (and, for packed layers, to this shard).
+only the slice that belongs to this rank (and, for packed layers, to this shard). A
+layer says which slice that is in logical units (:meth:`LinearBase.output_rows`: rows
+of the output features; :meth:`LinearBase.input_columns`: columns of the input
+features), and each parameter's :class:`ParamLayout` says where its tensor keeps those
+features: on which dimension, and how many features one stored element covers (8 for
+int4 values packed in int32, the group size for group-wise scales). So quantized
+parameters shard exactly like the float weight they replace.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +37,16 @@ class LinearMethod(Protocol):
     """How a linear layer stores its weight and computes ``x @ W.T (+ b)``."""
 
     def create_weights(self, layer: LinearBase, dtype: torch.dtype) -> None:
-        """Register the layer's weight parameter(s), with a ``weight_loader`` attribute."""
+        """Register the layer's weight parameter(s), each with a ``weight_loader``
+        attribute (usually ``layer.weight_loader``) and, unless it is a plain
+        ``[out, in]`` matrix, a layout (:func:`set_layout`). ``dtype`` is the
+        model's dtype; the bias is the layer's own business."""
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The layer's local output (before any tensor-parallel reduction)."""
+        """The layer's local output (before any tensor-parallel reduction), in ``x``'s dtype."""
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
-        """Called once every weight is loaded (repacking, quantizing)."""
+        """Called once every weight of the layer is loaded (repacking, quantizing)."""
 
 
 class UnquantizedLinearMethod:
@@ -54,17 +69,97 @@ class UnquantizedLinearMethod:
         pass
 
 
-def _check_full(loaded: LazyTensor, expected: tuple[int, ...]) -> None:
-    """The checkpoint tensor must have the layer's full (unsharded) shape."""
-    if tuple(loaded.shape) != expected:
-        raise ValueError(
-            f"{loaded.name}: checkpoint shape {tuple(loaded.shape)} does not match the "
-            f"model's {expected}"
+class _UnboundLinearMethod:
+    """The method of a layer waiting for :meth:`LinearBase.bind_method`."""
+
+    def create_weights(self, layer: LinearBase, dtype: torch.dtype) -> None:
+        raise RuntimeError("an unbound linear layer has no weights")
+
+    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise RuntimeError(
+            f"linear layer ({layer.extra_repr()}) was built for a quantizer but never bound "
+            "to a method: build models through tgi_core.model.loader"
         )
 
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        pass
 
-def _full_shape(param: nn.Parameter, rows: int, cols: int) -> tuple[int, ...]:
-    return (rows,) if param.dim() == 1 else (rows, cols)
+
+_UNBOUND = _UnboundLinearMethod()
+_deferring: ContextVar[bool] = ContextVar("tgi_deferred_linear_methods", default=False)
+
+
+@contextmanager
+def deferred_linear_methods() -> Iterator[None]:
+    """While active, layers built without a ``method`` wait for ``bind_method``."""
+    token = _deferring.set(True)
+    try:
+        yield
+    finally:
+        _deferring.reset(token)
+
+
+@dataclass(frozen=True, slots=True)
+class ParamLayout:
+    """Where a linear layer's parameter keeps the layer's output and input features.
+
+    ``output_dim`` / ``input_dim``: the tensor dimension indexed by output / input
+    features, or None when the tensor does not vary along them (a bias has no input
+    dimension; a ``g_idx`` no output dimension; group scales every rank holds whole
+    have ``input_dim=None``). ``output_pack`` / ``input_pack``: how many features one
+    element along that dimension covers (8 for 4-bit values packed in int32, the group
+    size for group-wise scales). A rank's slice must fall on element boundaries.
+    """
+
+    output_dim: int | None = 0
+    input_dim: int | None = 1
+    output_pack: int = 1
+    input_pack: int = 1
+
+    def full_shape(self, param: torch.Tensor, outputs: int, inputs: int) -> tuple[int, ...]:
+        """The stored shape of the whole checkpoint tensor: ``outputs`` by ``inputs``."""
+        shape = list(param.shape)
+        if self.output_dim is not None:
+            shape[self.output_dim] = _elements(outputs, self.output_pack, "output features")
+        if self.input_dim is not None:
+            shape[self.input_dim] = _elements(inputs, self.input_pack, "input features")
+        return tuple(shape)
+
+
+MATRIX = ParamLayout()
+VECTOR = ParamLayout(output_dim=0, input_dim=None)
+
+
+def layout_of(param: torch.Tensor) -> ParamLayout:
+    """A parameter's layout: its ``feature_layout`` attribute (set with
+    :func:`set_layout`), else ``[out, in]`` for a matrix and ``[out]`` for a vector."""
+    layout = getattr(param, "feature_layout", None)
+    if layout is not None:
+        return layout
+    return MATRIX if param.dim() == 2 else VECTOR
+
+
+def set_layout(param: nn.Parameter, layout: ParamLayout) -> nn.Parameter:
+    """Record where ``param`` keeps its features (``torch.Tensor.layout`` is taken)."""
+    param.feature_layout = layout  # type: ignore[attr-defined]
+    return param
+
+
+def _elements(features: int, pack: int, what: str) -> int:
+    if features % pack:
+        raise ValueError(f"{features} {what} do not fall on elements of {pack}")
+    return features // pack
+
+
+class OutputRows(NamedTuple):
+    """Which rows (output features) of a checkpoint tensor this rank holds."""
+
+    #: output features of the whole checkpoint tensor
+    total: int
+    #: ``(source, length, destination)`` ranges: checkpoint rows to the layer's rows
+    ranges: Sequence[tuple[int, int, int]]
+    #: said after a shape mismatch, e.g. how a fused tensor is laid out
+    hint: str = ""
 
 
 class LinearBase(nn.Module):
@@ -89,29 +184,111 @@ class LinearBase(nn.Module):
         self.input_size, self.output_size = input_size, output_size
         self.input_size_per_partition = input_size_per_partition
         self.output_size_per_partition = output_size_per_partition
-        dtype = dtype or torch.get_default_dtype()
-        self.method: LinearMethod = method or UnquantizedLinearMethod()
-        self.method.create_weights(self, dtype)
+        #: the model's dtype: the bias's and, unless the method says otherwise, the weight's
+        self.params_dtype = dtype or torch.get_default_dtype()
+        self.method: LinearMethod = _UNBOUND
+        if method is not None or not _deferring.get():
+            self.bind_method(method or UnquantizedLinearMethod())
         if bias:
             self.bias: nn.Parameter | None = nn.Parameter(
-                torch.empty(self._bias_size(), dtype=dtype), requires_grad=False
+                torch.empty(self._bias_size(), dtype=self.params_dtype), requires_grad=False
             )
             self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         else:
             self.register_parameter("bias", None)
 
+    @property
+    def method_pending(self) -> bool:
+        """True while the layer waits for :meth:`bind_method` (built for a quantizer)."""
+        return self.method is _UNBOUND
+
+    def bind_method(self, method: LinearMethod) -> None:
+        """Give the layer its method, which creates the weight parameters (once)."""
+        if not self.method_pending:
+            raise RuntimeError("this linear layer already has a method")
+        method.create_weights(self, self.params_dtype)
+        self.method = method
+
     def _bias_size(self) -> int:
         return self.output_size_per_partition
 
+    def output_rows(self, shard_id: Any) -> OutputRows:
+        """The output rows of the checkpoint tensor loaded with ``shard_id`` that this
+        rank holds, and where they go; the default is every row, in place."""
+        if shard_id is not None:
+            raise ValueError(f"this layer loads whole tensors, not shard {shard_id!r}")
+        return OutputRows(self.output_size, [(0, self.output_size, 0)])
+
+    def input_columns(self) -> tuple[int, int] | None:
+        """``(start, length)`` of the input features this rank holds; None: all of them."""
+        return None
+
     def weight_loader(self, param: nn.Parameter, loaded: LazyTensor, shard_id: Any = None) -> None:
-        """Copy this rank's part of ``loaded`` into ``param`` (a weight or a bias)."""
-        raise NotImplementedError
+        """Copy this rank's part of ``loaded`` into ``param`` (any parameter of the layer),
+        as :meth:`output_rows`, :meth:`input_columns` and the parameter's layout say."""
+        layout = layout_of(param)
+        rows = self.output_rows(shard_id)
+        expected = layout.full_shape(param, rows.total, self.input_size)
+        if tuple(loaded.shape) != expected:
+            hint = f" ({rows.hint})" if rows.hint else ""
+            raise ValueError(
+                f"{loaded.name}: checkpoint shape {tuple(loaded.shape)} does not match the "
+                f"model's {expected}{hint}"
+            )
+        columns = self.input_columns()
+        if columns is not None and layout.input_dim is not None:
+            start, length = columns
+            pack = layout.input_pack
+            loaded = loaded.narrow(
+                layout.input_dim,
+                _elements(start, pack, "input features before this rank"),
+                _elements(length, pack, "input features of this rank"),
+            )
+        if layout.output_dim is None:
+            loaded.copy_into(param.data)
+            return
+        _copy_rows(param.data, loaded, layout.output_dim, layout.output_pack, rows.ranges)
 
     def extra_repr(self) -> str:
         return (
             f"in={self.input_size_per_partition}, out={self.output_size_per_partition}, "
             f"bias={self.bias is not None}, tp={self.tp.rank}/{self.tp.world_size}"
         )
+
+
+def _copy_rows(
+    target: torch.Tensor,
+    loaded: LazyTensor,
+    dim: int,
+    pack: int,
+    ranges: Sequence[tuple[int, int, int]],
+) -> None:
+    """Copy ``(source, length, destination)`` feature ranges of ``loaded`` along ``dim``.
+
+    One range is copied a few MiB at a time; several ranges that tile one contiguous
+    span of the checkpoint (a fused tensor regrouped) are read in one go and scattered.
+    """
+    spans = [
+        (
+            _elements(src, pack, "output features before a slice"),
+            _elements(length, pack, "output features of a slice"),
+            _elements(dst, pack, "output features before a slice"),
+        )
+        for src, length, dst in ranges
+    ]
+    if len(spans) == 1:
+        src, length, dst = spans[0]
+        loaded.narrow(dim, src, length).copy_into(target.narrow(dim, dst, length))
+        return
+    first = min(src for src, _, _ in spans)
+    covered = max(src + length for src, length, _ in spans) - first
+    if covered == sum(length for _, length, _ in spans):
+        block = loaded.narrow(dim, first, covered).load()
+        for src, length, dst in spans:
+            target.narrow(dim, dst, length).copy_(block.narrow(dim, src - first, length))
+        return
+    for src, length, dst in spans:
+        loaded.narrow(dim, src, length).copy_into(target.narrow(dim, dst, length))
 
 
 class ReplicatedLinear(LinearBase):
@@ -137,9 +314,6 @@ class ReplicatedLinear(LinearBase):
             tp=tp,
             method=method,
         )
-
-    def weight_loader(self, param: nn.Parameter, loaded: LazyTensor, shard_id: Any = None) -> None:
-        loaded.copy_into(param.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
@@ -170,10 +344,11 @@ class ColumnParallelLinear(LinearBase):
             method=method,
         )
 
-    def weight_loader(self, param: nn.Parameter, loaded: LazyTensor, shard_id: Any = None) -> None:
-        _check_full(loaded, _full_shape(param, self.output_size, self.input_size))
+    def output_rows(self, shard_id: Any) -> OutputRows:
+        if shard_id is not None:
+            raise ValueError(f"this layer loads whole tensors, not shard {shard_id!r}")
         size = self.output_size_per_partition
-        loaded.narrow(0, self.tp.rank * size, size).copy_into(param.data)
+        return OutputRows(self.output_size, [(self.tp.rank * size, size, 0)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
@@ -204,14 +379,16 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             input_size, sum(self.output_sizes), bias=bias, dtype=dtype, tp=tp, method=method
         )
 
-    def weight_loader(self, param: nn.Parameter, loaded: LazyTensor, shard_id: Any = None) -> None:
-        if not isinstance(shard_id, int):
-            raise ValueError(f"{loaded.name}: a packed layer loads its parts by index")
-        _check_full(loaded, _full_shape(param, self.output_sizes[shard_id], self.input_size))
+    def output_rows(self, shard_id: Any) -> OutputRows:
+        if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
+            raise ValueError(
+                f"a packed layer loads its {len(self.output_sizes)} parts by index, "
+                f"not {shard_id!r}"
+            )
         world = self.tp.world_size
         offset = sum(self.output_sizes[:shard_id]) // world
         size = self.output_sizes[shard_id] // world
-        loaded.narrow(0, self.tp.rank * size, size).copy_into(param.data.narrow(0, offset, size))
+        return OutputRows(self.output_sizes[shard_id], [(self.tp.rank * size, size, offset)])
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -259,17 +436,16 @@ class QKVParallelLinear(ColumnParallelLinear):
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def weight_loader(self, param: nn.Parameter, loaded: LazyTensor, shard_id: Any = None) -> None:
-        heads = self.total_num_heads if shard_id == "q" else self.total_num_kv_heads
-        _check_full(loaded, _full_shape(param, heads * self.head_dim, self.input_size))
+    def output_rows(self, shard_id: Any) -> OutputRows:
         if shard_id == "q":
-            offset, size, index = 0, self.q_size, self.tp.rank
+            total, offset, size, index = self.total_num_heads, 0, self.q_size, self.tp.rank
         elif shard_id in ("k", "v"):
+            total = self.total_num_kv_heads
             offset = self.q_size + (self.kv_size if shard_id == "v" else 0)
             size, index = self.kv_size, self.tp.rank // self.kv_replicas
         else:
-            raise ValueError(f"{loaded.name}: QKV shard_id must be 'q', 'k' or 'v'")
-        loaded.narrow(0, index * size, size).copy_into(param.data.narrow(0, offset, size))
+            raise ValueError(f"QKV shard_id must be 'q', 'k' or 'v', not {shard_id!r}")
+        return OutputRows(total * self.head_dim, [(index * size, size, offset)])
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Split a packed output into q ``[T, H, D]``, k and v ``[T, Hkv, D]``."""
@@ -311,13 +487,9 @@ class RowParallelLinear(LinearBase):
             method=method,
         )
 
-    def weight_loader(self, param: nn.Parameter, loaded: LazyTensor, shard_id: Any = None) -> None:
-        if param.dim() == 1:  # the bias is whole on every rank
-            loaded.copy_into(param.data)
-            return
-        _check_full(loaded, (self.output_size, self.input_size))
+    def input_columns(self) -> tuple[int, int] | None:
         size = self.input_size_per_partition
-        loaded.narrow(1, self.tp.rank * size, size).copy_into(param.data)
+        return self.tp.rank * size, size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:

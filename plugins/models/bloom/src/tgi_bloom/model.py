@@ -31,12 +31,12 @@ from tgi_core.model.layers.embedding import ParallelLMHead, VocabParallelEmbeddi
 from tgi_core.model.layers.linear import (
     ColumnParallelLinear,
     LinearMethod,
+    OutputRows,
     QKVParallelLinear,
     RowParallelLinear,
 )
 from tgi_core.model.layers.norm import LayerNorm
 from tgi_core.model.parallel import ParallelContext
-from tgi_core.model.weights import LazyTensor
 
 
 def _head_dim(config: Any) -> int:
@@ -73,30 +73,27 @@ class BloomQKVLinear(QKVParallelLinear):
             hidden_size, head_dim, num_heads, num_heads, bias=True, tp=tp, method=method
         )
 
-    def weight_loader(self, param: nn.Parameter, loaded: LazyTensor, shard_id: Any = None) -> None:
-        """Copy this rank's heads of the interleaved tensor ``loaded`` into ``param``.
+    def output_rows(self, shard_id: Any) -> OutputRows:
+        """This rank's heads of the interleaved tensor, regrouped as ``[q | k | v]``.
 
         ``shard_id`` ``"q"``/``"k"``/``"v"`` (separate tensors, not BLOOM's layout) falls
-        back to :class:`QKVParallelLinear`'s loader.
+        back to :class:`QKVParallelLinear`'s rows.
         """
         if shard_id is not None:
-            super().weight_loader(param, loaded, shard_id)
-            return
-        rows_per_head = 3 * self.head_dim
-        trailing = tuple(loaded.shape[1:])
-        expected = (self.total_num_heads * rows_per_head, *trailing)
-        if loaded.shape != expected or tuple(param.shape) != (3 * self.q_size, *trailing):
-            raise ValueError(
-                f"checkpoint shape {loaded.shape} does not match the model's "
-                f"{(self.total_num_heads * rows_per_head, *tuple(param.shape)[1:])} "
-                f"({self.total_num_heads} heads of 3 x {self.head_dim} rows)"
+            return super().output_rows(shard_id)
+        rows_per_head, head_dim = 3 * self.head_dim, self.head_dim
+        first = self.tp.rank * self.num_heads * rows_per_head
+        ranges = [  # (checkpoint row, length, row in the [q | k | v] packing)
+            (
+                first + head * rows_per_head + part * head_dim,
+                head_dim,
+                part * self.q_size + head * head_dim,
             )
-        rows = self.num_heads * rows_per_head
-        part = loaded.narrow(0, self.tp.rank * rows, rows).load()
-        part = part.reshape(self.num_heads, 3, self.head_dim, *trailing)
-        for index in range(3):  # q, k, v
-            target = param.data.narrow(0, index * self.q_size, self.q_size)
-            target.copy_(part[:, index].reshape(self.q_size, *trailing))
+            for head in range(self.num_heads)
+            for part in range(3)  # q, k, v
+        ]
+        hint = f"{self.total_num_heads} heads of 3 x {head_dim} rows"
+        return OutputRows(self.total_num_heads * rows_per_head, ranges, hint)
 
 
 class BloomAttention(nn.Module):
