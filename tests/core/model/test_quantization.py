@@ -137,9 +137,7 @@ def test_every_linear_layer_is_bound_and_processed_when_complete(
             assert module.weight.dtype == (
                 torch.float32 if name.endswith("down_proj") else torch.float16
             )
-            assert isinstance(module.method, UnquantizedLinearMethod) == name.endswith(
-                "down_proj"
-            )
+            assert isinstance(module.method, UnquantizedLinearMethod) == name.endswith("down_proj")
     # each layer is processed right after its last tensor (q, k, v: three loads), before
     # any other layer's tensor is read
     events = quantizer.events

@@ -36,8 +36,13 @@ from tgi_core.specs import QuantizerSpec
 
 T = TypeVar("T", bound=msgspec.Struct)
 
-#: First-party plugins that load a ``quant_method``, for the "install this" hint.
-KNOWN_PLUGINS = {"gptq": "tgi-gptq", "awq": "tgi-awq"}
+#: What to do about a ``quant_method`` no installed quantizer loads.
+HINTS = {
+    "gptq": "install tgi-gptq (pip install tgi-gptq)",
+    "awq": "install tgi-awq (pip install tgi-awq)",
+    "bitsandbytes": "tgi does not load checkpoints saved quantized by bitsandbytes: serve "
+    "the float checkpoint with --quantize bitsandbytes-nf4 (pip install tgi-bitsandbytes)",
+}
 
 
 @dataclass(frozen=True)
@@ -141,8 +146,7 @@ def select_quantizer(
             f"already quantized with {method!r} (config.json quantization_config){instead}"
         )
     if not loaders:
-        package = KNOWN_PLUGINS.get(method)
-        hint = f"; install {package} (pip install {package})" if package else ""
+        hint = f"; {HINTS[method]}" if method in HINTS else ""
         raise CheckpointError(
             f"{checkpoint.path} is quantized with {method!r} (config.json "
             f"quantization_config.quant_method), which no installed quantizer loads{hint}. "

@@ -209,6 +209,13 @@ class LinearBase(nn.Module):
         method.create_weights(self, self.params_dtype)
         self.method = method
 
+    def tensor(self, name: str) -> torch.Tensor:
+        """The parameter or buffer ``name`` (what a linear method registered), typed."""
+        value = getattr(self, name)
+        if not isinstance(value, torch.Tensor):
+            raise AttributeError(f"{name} of this layer is not a tensor")
+        return value
+
     def _bias_size(self) -> int:
         return self.output_size_per_partition
 

@@ -1,0 +1,92 @@
+"""Weight-only int8: ``w[o, i] = q[o, i] * scale[o]``, quantized from the float checkpoint.
+
+Each output channel's scale is its largest magnitude over 127, rounded to bfloat16 (the
+kernel's dtype); the int8 values are rounded against that stored scale, so every path
+computes with the same weights. On CPU, ``torch.ops.aten._weight_int8pack_mm`` runs
+the layer with bfloat16 activations (cast in and out: with float32 activations the op
+falls to a path 10-30x slower); elsewhere, or with ``kernel = "portable"``, the layer
+multiplies by the int8 values converted to the activations' dtype and scales the
+output, which is exact in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tgi_core.model.layers.linear import LinearBase, UnquantizedLinearMethod
+from tgi_core.model.quantization import QuantizerContext
+from tgi_int8 import Int8Settings
+
+#: the CPU kernel's activation and scale dtype
+KERNEL_DTYPE = torch.bfloat16
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 values ``[out, in]`` and bfloat16 scales ``[out]`` of a float ``weight``."""
+    weight = weight.float()
+    amax = weight.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).to(KERNEL_DTYPE)
+    q = torch.round(weight / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 weight that int8 values and their scales stand for."""
+    return q.float() * scale.float()[:, None]
+
+
+def kernel_available(device: torch.device) -> bool:
+    """Whether torch's int8 weight-only kernel runs on ``device``."""
+    return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+#: the CPU kernel reads input features 16 at a time: other sizes give wrong results
+#: or crash (measured with torch 2.13), so such layers take the portable path
+KERNEL_INPUT_MULTIPLE = 16
+
+
+class Int8LinearMethod:
+    """Loads the float weight (float32, one layer at a time), then quantizes it.
+
+    ``use_kernel``: run torch's CPU kernel (bfloat16 activations), else the portable path.
+    """
+
+    def __init__(self, use_kernel: bool) -> None:
+        self.use_kernel = use_kernel
+
+    def create_weights(self, layer: LinearBase, dtype: torch.dtype) -> None:
+        UnquantizedLinearMethod().create_weights(layer, torch.float32)
+
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        weight = layer.weight.data
+        del layer.weight
+        q, scale = quantize_per_channel(weight)
+        layer.register_buffer("qweight", q, persistent=False)
+        layer.register_buffer("scales", scale, persistent=False)
+
+    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if self.use_kernel:
+            out = torch.ops.aten._weight_int8pack_mm(
+                flat.to(KERNEL_DTYPE).contiguous(), layer.tensor("qweight"), layer.tensor("scales")
+            ).to(x.dtype)
+        else:
+            out = F.linear(flat, layer.tensor("qweight").to(x.dtype)) * layer.tensor("scales").to(
+                x.dtype
+            )
+        if bias is not None:
+            out = out + bias
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class Int8Quantizer:
+    """Every linear layer of the model in int8 (the LM head and embeddings stay float)."""
+
+    def __init__(self, ctx: QuantizerContext) -> None:
+        settings = ctx.section("int8", Int8Settings)
+        self.use_kernel = settings.kernel == "auto" and kernel_available(ctx.device)
+
+    def linear_method(self, layer: LinearBase, prefix: str) -> Int8LinearMethod:
+        fits = layer.input_size_per_partition % KERNEL_INPUT_MULTIPLE == 0
+        return Int8LinearMethod(use_kernel=self.use_kernel and fits)
