@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -23,13 +24,15 @@ QUANT_TYPES = {"bitsandbytes-nf4": "nf4", "bitsandbytes-fp4": "fp4"}
 
 
 def import_bitsandbytes() -> Any:
-    """Import bitsandbytes, without its warning about an optional kernel it would fetch
-    from the Hugging Face Hub (tgi downloads nothing)."""
+    """Import bitsandbytes, without its warnings about an optional kernel it would fetch
+    from the Hugging Face Hub (tgi downloads nothing) and torch.jit's deprecation."""
     noisy = logging.getLogger("bitsandbytes.backends.cpu.ops")
     level = noisy.level
     noisy.setLevel(logging.ERROR)
     try:
-        return importlib.import_module("bitsandbytes")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return importlib.import_module("bitsandbytes")
     finally:
         noisy.setLevel(level)
 
