@@ -56,18 +56,20 @@ def dequantized_copy(
 
 
 def int8_reference(weight: torch.Tensor) -> torch.Tensor:
-    """Per output channel, symmetric, the scale (max |w| / 127) rounded to bfloat16."""
-    scale = (weight.abs().amax(dim=1) / 127).bfloat16().float()
+    """Per output channel, symmetric, the scale (max |w| / 127, 1 for a zero channel)
+    rounded to bfloat16."""
+    amax = weight.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127, 1.0).bfloat16().float()
     return torch.round(weight / scale[:, None]).clamp(-127, 127) * scale[:, None]
 
 
 def int4_reference(weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Per output feature and group: scale (max - min) / 15 and offset min + 8 * scale,
-    both rounded to bfloat16; w = (q - 8) * scale + offset."""
+    """Per output feature and group: scale (max - min) / 15 (1 for a constant group) and
+    offset min + 8 * scale, both rounded to bfloat16; w = (q - 8) * scale + offset."""
     out, inputs = weight.shape
     groups = weight.view(out, inputs // group_size, group_size)
     low, high = groups.amin(-1), groups.amax(-1)
-    scale = ((high - low) / 15).bfloat16().float()[..., None]
+    scale = torch.where(high > low, (high - low) / 15, 1.0).bfloat16().float()[..., None]
     offset = (low + 8 * scale[..., 0]).bfloat16().float()[..., None]
     q = (torch.round((groups - offset) / scale) + 8).clamp(0, 15)
     return ((q - 8) * scale + offset).view(out, inputs)
@@ -99,8 +101,9 @@ def rtn(
 
 
 def gptq_pack_qweight(intweight: np.ndarray) -> np.ndarray:
-    """AutoGPTQ's loop: ``[in, out]`` 4-bit values, 8 input rows per int32 row."""
-    qweight = np.zeros((intweight.shape[0] // 32 * 4, intweight.shape[1]), dtype=np.uint32)
+    """AutoGPTQ's loop: ``[in, out]`` 4-bit values, 8 input rows per int32 row (its
+    ``in // 32 * bits`` rows, written so that sizes that are not multiples of 32 work)."""
+    qweight = np.zeros((intweight.shape[0] * 4 // 32, intweight.shape[1]), dtype=np.uint32)
     i, row = 0, 0
     while row < qweight.shape[0]:
         for j in range(i, i + 8):
@@ -112,7 +115,7 @@ def gptq_pack_qweight(intweight: np.ndarray) -> np.ndarray:
 
 def gptq_pack_qzeros(zeros: np.ndarray) -> np.ndarray:
     """AutoGPTQ's loop: ``[groups, out]`` 4-bit values, 8 columns per int32 column."""
-    qzeros = np.zeros((zeros.shape[0], zeros.shape[1] // 32 * 4), dtype=np.uint32)
+    qzeros = np.zeros((zeros.shape[0], zeros.shape[1] * 4 // 32), dtype=np.uint32)
     i, col = 0, 0
     while col < qzeros.shape[1]:
         for j in range(i, i + 8):

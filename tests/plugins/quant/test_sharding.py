@@ -198,11 +198,26 @@ def test_int4_ranks_quantize_their_slices(
         close(got, unsharded, kernel)
 
 
+@pytest.mark.parametrize("kernel", [False, True], ids=["portable", "kernel"])
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("kind", KINDS)
-def test_bitsandbytes_ranks_quantize_their_slices(kind: str, world: int) -> None:
-    from tgi_bitsandbytes.method import BitsAndBytesLinearMethod, import_bitsandbytes
+def test_bitsandbytes_ranks_quantize_their_slices(kind: str, world: int, kernel: bool) -> None:
+    """bitsandbytes' CPU kernels need input features per rank in multiples of 64: a
+    row-parallel layer of 128 inputs over 4 ranks is refused."""
+    from tgi_bitsandbytes.method import (
+        CPU_PACK_OUTPUTS,
+        BitsAndBytesLinearMethod,
+        BitsAndBytesQuantizer,
+        import_bitsandbytes,
+    )
+    from tgi_core.model.quantization import QuantizerContext
 
+    if kind == "row" and world == 4:
+        quantizer = BitsAndBytesQuantizer(QuantizerContext(name="bitsandbytes-nf4"))
+        layer = build(kind, ParallelContext(0, world), _Unquantized())
+        with pytest.raises(ValueError, match=r"its 32 input features .* not a multiple of 64"):
+            quantizer.linear_method(layer, "row")
+        return
     bnb = import_bitsandbytes()
 
     def bnb_reference(weight: torch.Tensor) -> torch.Tensor:
@@ -211,10 +226,12 @@ def test_bitsandbytes_ranks_quantize_their_slices(kind: str, world: int) -> None
         )
         return bnb.functional.dequantize_4bit(packed, state)
 
+    outputs = build(kind, ParallelContext(0, world), _Unquantized()).output_size_per_partition
+    pack = kernel and outputs % CPU_PACK_OUTPUTS == 0
     weights = float_weights(kind)
-    make = lambda: BitsAndBytesLinearMethod(bnb, "nf4")  # noqa: E731
+    make = lambda: BitsAndBytesLinearMethod(bnb, "nf4", pack)  # noqa: E731
     got, _ = run_ranks(kind, world, make, load_float(weights), x_for(kind))
-    close(got, expected(kind, world, weights, x_for(kind), bnb_reference), kernel=False)
+    close(got, expected(kind, world, weights, x_for(kind), bnb_reference), kernel=pack)
 
 
 # -- pre-quantized: each rank reads its slice of the packed tensors ---------------------

@@ -1,10 +1,16 @@
 """bitsandbytes 4-bit: each linear weight quantized while loading, as transformers'
 ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=...)`` does.
 
-Blocks of 64 consecutive weights of a row share one float32 absmax (no double
-quantization, uint8 storage: transformers' defaults); bitsandbytes computes the layer
-(``matmul_4bit``: its fused CPU kernel for a single bfloat16 row, else dequantize and
-matmul in the activations' dtype, exact in float32). Each rank quantizes its own slice.
+Blocks of 64 consecutive weights share one float32 absmax (no double quantization,
+uint8 storage: transformers' defaults); bitsandbytes computes the layer. On a CPU with
+AVX-512 BF16, the weight is then repacked for bitsandbytes' fused CPU kernel, as its
+``Linear4bit`` does for inference (bfloat16 activations inside, any batch size);
+elsewhere, or with ``kernel = "portable"``, bitsandbytes dequantizes and multiplies in
+the activations' dtype (exact in float32).
+
+Measured with bitsandbytes 0.50.2: its CPU kernels handle input features only in
+multiples of the block size (64); other shapes dequantize to wrong values (blocks that
+straddle rows) or crash. On CPU such layers are refused at startup.
 """
 
 from __future__ import annotations
@@ -16,10 +22,13 @@ from typing import Any
 
 import torch
 
+from tgi_bitsandbytes import BitsAndBytesSettings
 from tgi_core.model.layers.linear import LinearBase, UnquantizedLinearMethod
 from tgi_core.model.quantization import QuantizerContext
 
 BLOCK_SIZE = 64
+#: the fused CPU kernel's packing takes output features in tiles of 32
+CPU_PACK_OUTPUTS = 32
 QUANT_TYPES = {"bitsandbytes-nf4": "nf4", "bitsandbytes-fp4": "fp4"}
 
 
@@ -52,9 +61,9 @@ def check_bitsandbytes(device: torch.device, quant_type: str) -> Any:
         packed, state = bnb.functional.quantize_4bit(
             weight, blocksize=BLOCK_SIZE, quant_type=quant_type, compress_statistics=False
         )
-        out = bnb.matmul_4bit(torch.ones(1, BLOCK_SIZE, device=device), packed.t(), state)
+        out = bnb.matmul_4bit(torch.ones(3, BLOCK_SIZE, device=device), packed, state)
         expected = bnb.functional.dequantize_4bit(packed, state).sum(dim=1)
-        if not torch.allclose(out.flatten(), expected, rtol=1e-3, atol=1e-3):
+        if not torch.allclose(out, expected.expand(3, -1), rtol=1e-3, atol=1e-3):
             raise RuntimeError("a test matmul gave wrong results")
     except Exception as exc:
         raise RuntimeError(
@@ -64,11 +73,23 @@ def check_bitsandbytes(device: torch.device, quant_type: str) -> Any:
     return bnb
 
 
-class BitsAndBytesLinearMethod:
-    """Loads the float weight (float32, one layer at a time), then quantizes it."""
+def cpu_kernel_available(bnb: Any) -> bool:
+    """Whether bitsandbytes has its fused CPU kernel here (AVX-512 BF16, and the weight
+    repacking its ``Linear4bit`` uses)."""
+    functional = bnb.functional
+    return hasattr(functional, "_convert_weight_packed_for_cpu") and bool(
+        getattr(functional, "has_avx512bf16", lambda: False)()
+    )
 
-    def __init__(self, bnb: Any, quant_type: str) -> None:
-        self.bnb, self.quant_type = bnb, quant_type
+
+class BitsAndBytesLinearMethod:
+    """Loads the float weight (float32, one layer at a time), then quantizes it.
+
+    ``pack_for_cpu``: repack for bitsandbytes' fused CPU kernel.
+    """
+
+    def __init__(self, bnb: Any, quant_type: str, pack_for_cpu: bool) -> None:
+        self.bnb, self.quant_type, self.pack_for_cpu = bnb, quant_type, pack_for_cpu
         self.state: Any = None
 
     def create_weights(self, layer: LinearBase, dtype: torch.dtype) -> None:
@@ -77,23 +98,22 @@ class BitsAndBytesLinearMethod:
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         weight = layer.weight.data
         del layer.weight
-        packed, self.state = self.bnb.functional.quantize_4bit(
+        functional = self.bnb.functional
+        packed, self.state = functional.quantize_4bit(
             weight,
             blocksize=BLOCK_SIZE,
             quant_type=self.quant_type,
             compress_statistics=False,
             quant_storage=torch.uint8,
         )
+        if self.pack_for_cpu:
+            packed, self.state = functional._convert_weight_packed_for_cpu(packed, self.state)
         layer.register_buffer("bnb_weight", packed, persistent=False)
         # the absmax lives in the quant state; a buffer too, so weight bytes count it
         layer.register_buffer("bnb_absmax", self.state.absmax, persistent=False)
 
-    def dequantized(self, layer: LinearBase) -> torch.Tensor:
-        """The float32 weight ``[out, in]`` that bitsandbytes computes with."""
-        return self.bnb.functional.dequantize_4bit(layer.tensor("bnb_weight"), self.state).float()
-
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = self.bnb.matmul_4bit(x, layer.tensor("bnb_weight").t(), quant_state=self.state)
+        out = self.bnb.matmul_4bit(x, layer.tensor("bnb_weight"), quant_state=self.state)
         if bias is not None:
             out = out + bias
         return out
@@ -107,6 +127,18 @@ class BitsAndBytesQuantizer:
             raise ValueError("it quantizes float checkpoints while loading")
         self.quant_type = QUANT_TYPES[ctx.name]
         self.bnb = check_bitsandbytes(ctx.device, self.quant_type)
+        self.on_cpu = ctx.device.type == "cpu"
+        settings = ctx.section("bitsandbytes", BitsAndBytesSettings)
+        self.cpu_kernel = (
+            self.on_cpu and settings.kernel == "auto" and cpu_kernel_available(self.bnb)
+        )
 
     def linear_method(self, layer: LinearBase, prefix: str) -> BitsAndBytesLinearMethod:
-        return BitsAndBytesLinearMethod(self.bnb, self.quant_type)
+        inputs, outputs = layer.input_size_per_partition, layer.output_size_per_partition
+        if self.on_cpu and inputs % BLOCK_SIZE:
+            raise ValueError(
+                f"its {inputs} input features (per rank) are not a multiple of "
+                f"{BLOCK_SIZE}, bitsandbytes' block size, which its CPU kernels need"
+            )
+        pack = self.cpu_kernel and outputs % CPU_PACK_OUTPUTS == 0
+        return BitsAndBytesLinearMethod(self.bnb, self.quant_type, pack)

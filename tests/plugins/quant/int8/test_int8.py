@@ -1,0 +1,94 @@
+"""tgi-int8: per-channel quantization, the layer on the CPU kernel and the portable path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from tgi_core.model.layers.linear import ReplicatedLinear
+from tgi_core.model.quantization import QuantizerContext
+from tgi_core.model.weights import LazyTensor
+from tgi_int8 import Int8Settings
+from tgi_int8.method import Int8LinearMethod, Int8Quantizer, dequantize, quantize_per_channel
+
+GENERATOR = torch.Generator().manual_seed(0)
+
+
+def test_registered_with_its_config_section(tgi_registry: Any) -> None:
+    spec = tgi_registry.quantizers["int8"]
+    assert spec.quantizes_at_load and spec.quant_methods == ()
+    assert tgi_registry.quantizers.owner("int8").distribution == "tgi-int8"
+    assert tgi_registry.config_sections["int8"].schema is Int8Settings
+
+
+def test_quantization_round_trips_within_half_a_step(formats: Any) -> None:
+    weight = torch.randn(48, 80, generator=GENERATOR)
+    weight[3] = 0  # an all-zero channel gets scale 1, not a division by zero
+    q, scale = quantize_per_channel(weight)
+    assert q.dtype == torch.int8 and scale.dtype == torch.bfloat16
+    assert int(q.abs().max()) <= 127
+    error = (dequantize(q, scale) - weight).abs()
+    assert bool((error <= scale.float()[:, None] / 2 + 1e-6).all())
+    assert float(scale[3]) == 1.0 and not q[3].any()
+    # the tests' independent formula gives the same weights
+    assert torch.equal(dequantize(q, scale), formats.int8_reference(weight))
+
+
+def layer_with(
+    method: Int8LinearMethod,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+) -> ReplicatedLinear:
+    out, inputs = weight.shape
+    layer = ReplicatedLinear(inputs, out, bias=True, method=method, dtype=dtype)
+    layer.weight_loader(layer.weight, LazyTensor.of(weight, "w"))
+    layer.weight_loader(layer.bias, LazyTensor.of(bias, "b"))
+    method.process_weights_after_loading(layer)
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", [False, True], ids=["portable", "kernel"])
+def test_layer_equals_matmul_with_dequantized_weights(kernel: bool, dtype: torch.dtype) -> None:
+    """Portable in float32: exact (1e-5). The kernel multiplies bfloat16 activations and
+    rounds its output to bfloat16: within 1% of the output's magnitude."""
+    weight, bias = torch.randn(48, 64, generator=GENERATOR), torch.randn(48, generator=GENERATOR)
+    layer = layer_with(Int8LinearMethod(kernel), weight, bias, dtype)
+    assert not hasattr(layer, "weight")  # the float weight is gone
+    assert layer.tensor("qweight").dtype == torch.int8
+    x = torch.randn(2, 3, 64, generator=GENERATOR).to(dtype)  # any leading shape
+    q, scale = quantize_per_channel(weight)
+    out = layer(x)
+    assert out.dtype == dtype and out.shape == (2, 3, 48)
+    inputs = x.to(torch.bfloat16) if kernel else x
+    expected = inputs.float() @ dequantize(q, scale).T + bias.to(dtype).float()
+    exact = dtype == torch.float32 and not kernel
+    tolerance = 1e-5 if exact else 1e-2 * float(expected.abs().max())
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=tolerance)
+
+
+def test_layers_the_kernel_cannot_take_run_portable() -> None:
+    """The CPU kernel reads input features 16 at a time (other sizes crash or compute
+    garbage in torch 2.13), so a layer with 24 inputs takes the portable path."""
+    quantizer = Int8Quantizer(QuantizerContext(name="int8"))
+    assert quantizer.use_kernel
+    odd, even = ReplicatedLinear(24, 8), ReplicatedLinear(32, 8)
+    assert not quantizer.linear_method(odd, "odd").use_kernel
+    assert quantizer.linear_method(even, "even").use_kernel
+    weight = torch.randn(8, 24, generator=GENERATOR)
+    layer = layer_with(quantizer.linear_method(odd, "odd"), weight, torch.zeros(8))
+    x = torch.randn(3, 24, generator=GENERATOR)
+    q, scale = quantize_per_channel(weight)
+    torch.testing.assert_close(layer(x), x @ dequantize(q, scale).T, rtol=1e-5, atol=1e-5)
+
+
+def test_portable_setting_and_other_devices_skip_the_kernel() -> None:
+    portable = QuantizerContext(
+        name="int8", plugin_sections={"int8": Int8Settings(kernel="portable")}
+    )
+    assert not Int8Quantizer(portable).use_kernel
+    meta = QuantizerContext(name="int8", device=torch.device("meta"))
+    assert not Int8Quantizer(meta).use_kernel
