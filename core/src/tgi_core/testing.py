@@ -57,11 +57,15 @@ def tgi_registry_with() -> Callable[..., Registry]:
 
 
 def build_test_app(
-    model_dir: str | None, environ: dict[str, str] | None = None, **options: str
+    model_dir: str | None,
+    environ: dict[str, str] | None = None,
+    config_file: str | None = None,
+    **options: str,
 ) -> Any:
     """The server's Litestar app for ``model_dir``, built in-process as ``tgi-core serve``
-    would (``options`` are ``serve`` options by field name, as strings; no ``model_dir``
-    serves the default model source, as ``serve`` without ``--model-id`` does). Use it with
+    would (``options`` are ``serve`` options by field name, as strings; ``config_file`` a
+    deployment file, e.g. with ``[plugins.NAME]`` sections; no ``model_dir`` serves the
+    default model source, as ``serve`` without ``--model-id`` does). Use it with
     ``litestar.testing.TestClient(app)``, whose lifespan starts and warms the engine."""
     from tgi_core.config import load_config
     from tgi_core.plugins import make_plugin_manager
@@ -70,7 +74,7 @@ def build_test_app(
     from tgi_core.server.builder import build_state
 
     cli = options if model_dir is None else {"model_id": model_dir, **options}
-    resolved = load_config(cli=cli, environ={})
+    resolved = load_config(cli=cli, config_file=config_file, environ={})
     registry = Registry.build(make_plugin_manager(environ=environ))
     resolved = resolved.with_registry(registry)
     return build_app(build_state(resolved, registry), registry, resolved.plugin_sections)

@@ -107,11 +107,11 @@ def quant_method_of(checkpoint: Checkpoint) -> str | None:
 
 
 def _loaders(registry: Registry) -> str:
-    loaders = [
+    loaders = sorted(
         f"{spec.name} ({', '.join(spec.quant_methods)})"
         for spec in registry.quantizers
         if spec.quant_methods
-    ]
+    )
     return ", ".join(loaders) or "none installed"
 
 
@@ -129,7 +129,7 @@ def select_quantizer(
     if method is None:
         if spec is None or spec.quantizes_at_load:
             return spec
-        at_load = [s.name for s in registry.quantizers if s.quantizes_at_load]
+        at_load = sorted(s.name for s in registry.quantizers if s.quantizes_at_load)
         raise ConfigError(
             f"--quantize {spec.name} loads checkpoints already quantized with "
             f"{', '.join(spec.quant_methods) or spec.name}, but {checkpoint.path}/config.json "
