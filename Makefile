@@ -60,3 +60,4 @@ bench: install
 	$(PY) benchmarks/t5_throughput.py --write docs/benchmarks.md
 	$(PY) benchmarks/served_vs_transformers.py --write docs/benchmarks.md
 	$(PY) benchmarks/collectives.py --write docs/benchmarks.md
+	$(PY) benchmarks/quantization.py --write docs/benchmarks.md

@@ -1,0 +1,412 @@
+"""Quantization side by side: weight memory, tokens/s and perplexity for bf16, int8, int4, nf4.
+
+For each shape (random-weight SmolLM-135M- and Qwen2.5-0.5B-shaped checkpoints), each
+method runs in a fresh process, one after the other: the model is loaded in bfloat16
+(this CPU's default dtype) and quantized while loading; the process reports the bytes
+of the linear layers' weights and of the whole model (parameters and buffers), its
+resident set size after loading (and the growth from loading), then the engine's
+greedy throughput for 1 stream and for 32 concurrent streams (all submitted at once,
+EOS ignored), after a short warm-up. Quality: perplexity of the demo model (the
+``demo`` model source of tgi-demo, or ``--demo-model DIR``) on held-out Python text,
+in windows of ``--ppl-window`` tokens, with each method.
+
+Targets (issue 10): int8 single-stream >= 1.5x bf16 on the SmolLM shape; int8 weights
+<= 55% of bf16's bytes; perplexity within 1% of bf16 for int8 and 5% for 4-bit.
+
+    python benchmarks/quantization.py [--write docs/benchmarks.md]
+
+Smoke run (a tiny shape, a few tokens, a tiny model for perplexity):
+
+    python benchmarks/quantization.py --shapes tiny --streams 1 4 --prompt 8 --new 8 \
+        --demo-model DIR --ppl-tokens 256 --ppl-window 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+BEGIN, END = "<!-- quantization:begin -->", "<!-- quantization:end -->"
+SHAPES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "smollm": (
+        "SmolLM-135M",
+        "LlamaConfig",
+        dict(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        ),
+    ),
+    "qwen": (
+        "Qwen2.5-0.5B",
+        "Qwen2Config",
+        dict(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        ),
+    ),
+    "tiny": (
+        "tiny (smoke runs)",
+        "LlamaConfig",
+        dict(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+        ),
+    ),
+}
+#: method name -> (--quantize, plugin sections)
+METHODS: dict[str, tuple[str | None, dict[str, dict[str, Any]]]] = {
+    "bf16": (None, {}),
+    "int8": ("int8", {}),
+    "int4": ("int4", {"int4": {"group_size": 64}}),
+    "nf4": ("bitsandbytes-nf4", {}),
+}
+
+CHILD_COMMON = """
+import json, sys, time
+import torch
+from tgi_core.model.base import ModelContext
+from tgi_core.model.layers.linear import LinearBase
+from tgi_core.model.loader import load_model
+from tgi_core.plugins import make_plugin_manager
+from tgi_core.registry import Registry
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+def tensor_bytes(modules):
+    seen = {}
+    for module in modules:
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            seen[id(tensor)] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())
+
+def sections(registry, raw):
+    out = {}
+    for name, values in raw.items():
+        out[name] = registry.config_sections[name].schema(**values)
+    return out
+
+args = json.loads(sys.argv[1])
+registry = Registry.build(make_plugin_manager())
+torch.manual_seed(0)
+"""
+
+CHILD_SPEED = (
+    CHILD_COMMON
+    + """
+from tgi_core.engine.engine import Engine, EngineConfig
+from tgi_core.engine.model_runner import ModelRunner
+from tgi_core.engine.requests import GenerateRequest, StoppingParams
+
+from transformers import AutoConfig
+AutoConfig.from_pretrained(args["path"])  # transformers' config classes, imported once
+before = status("VmRSS")
+loaded = load_model(args["path"], registry, ctx=ModelContext(dtype=torch.bfloat16),
+                    quantize=args["quantize"], plugin_sections=sections(registry, args["sections"]))
+model = loaded.model
+result = {
+    "rss": status("VmRSS"), "rss_growth": status("VmRSS") - before, "peak_rss": status("VmHWM"),
+    "linear_bytes": tensor_bytes(m for m in model.modules() if isinstance(m, LinearBase)),
+    "total_bytes": tensor_bytes(model.modules()),
+}
+streams, prompt, new = max(args["streams"]), args["prompt"], args["new"]
+blocks = streams * (-(-(prompt + new) // 16) + 1)
+runner = ModelRunner(model, registry.attention_backends["sdpa"].load()(), num_blocks=blocks,
+                     block_size=16, model_dtype=torch.bfloat16)
+engine = Engine(runner, EngineConfig(num_blocks=blocks, block_size=16, eos_token_ids=()))
+vocab = model.config.vocab_size
+def run(count, prompt, new, tag):
+    requests = [GenerateRequest(request_id=f"{tag}{i}",
+                                prompt_token_ids=tuple(torch.randint(3, vocab, (prompt,)).tolist()),
+                                stopping=StoppingParams(max_new_tokens=new, ignore_eos=True))
+                for i in range(count)]
+    start = time.perf_counter()
+    out = engine.run(requests)
+    return sum(len(events) for events in out.values()) / (time.perf_counter() - start)
+run(2, 16, 4, "warm")
+result["tokens_per_s"] = {str(n): run(n, prompt, new, f"s{n}-") for n in args["streams"]}
+print(json.dumps(result))
+"""
+)
+
+CHILD_PERPLEXITY = (
+    CHILD_COMMON
+    + """
+from transformers import AutoTokenizer
+from tgi_core.model.runner import PagedRunner
+
+loaded = load_model(args["path"], registry, ctx=ModelContext(dtype=torch.bfloat16),
+                    quantize=args["quantize"], plugin_sections=sections(registry, args["sections"]))
+tokenizer = AutoTokenizer.from_pretrained(args["path"])
+text = "\\n".join(open(path, encoding="utf-8", errors="ignore").read() for path in args["files"])
+ids = tokenizer.encode(text)[: args["tokens"]]
+window = args["window"]
+backend = registry.attention_backends["sdpa"].load()()
+runner = PagedRunner(loaded.model, backend, num_blocks=-(-window // 16) + 1, block_size=16,
+                     model_dtype=torch.bfloat16)
+nll, count = 0.0, 0
+for start in range(0, len(ids) - 1, window):
+    chunk = ids[start : start + window + 1]
+    if len(chunk) < 2:
+        break
+    seq = runner.add(chunk[:-1])
+    logits = runner.step([seq], all_logits=True)[0].float()
+    runner.free(seq)
+    targets = torch.tensor(chunk[1:])
+    nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+    count += len(targets)
+print(json.dumps({"perplexity": float(torch.exp(torch.tensor(nll / count))), "tokens": count}))
+"""
+)
+
+
+def child(code: str, payload: dict[str, Any]) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(payload)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def save_shape(folder: Path, shape: str, layers: int | None) -> Path:
+    import torch
+    import transformers
+
+    from tgi_core.model.fixtures import save_checkpoint
+
+    _, config_class, values = SHAPES[shape]
+    values = dict(values, **({"num_hidden_layers": layers} if layers else {}))
+    config = getattr(transformers, config_class)(**values)
+    # transformers' default init (0.02) keeps a random model's activations sane
+    return save_checkpoint(
+        folder / shape, config, dtype=torch.bfloat16, init_std=0.02, weight_std=0.02
+    )
+
+
+def held_out_files(given: list[Path] | None) -> list[str]:
+    """The text for perplexity: the given files (or every .py under given folders), else
+    Python standard library modules from the end of the alphabet."""
+    if given:
+        files = [f for g in given for f in (sorted(g.rglob("*.py")) if g.is_dir() else [g])]
+    else:
+        files = sorted(Path(os.__file__).parent.glob("[t-z]*.py"))
+    return [str(f) for f in files]
+
+
+def demo_dir(given: Path | None) -> Path | None:
+    if given is not None:
+        return given
+    from tgi_core.errors import ConfigError
+    from tgi_core.model.sources import resolve_model_id
+    from tgi_core.plugins import make_plugin_manager
+    from tgi_core.registry import Registry
+
+    try:
+        folder, _, _ = resolve_model_id("demo", Registry.build(make_plugin_manager()))
+    except ConfigError as exc:
+        print(f"no demo model ({exc}); perplexity skipped", flush=True)
+        return None
+    return Path(folder)
+
+
+def mib(value: float) -> str:
+    return f"{value / 2**20:.0f} MiB" if value >= 2**20 else f"{value / 2**10:.0f} KiB"
+
+
+def machine() -> str:
+    import torch
+
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    threads = torch.get_num_threads()
+    return f"{model}, {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} threads"
+
+
+def section(
+    args: argparse.Namespace,
+    speed: dict[str, dict[str, dict[str, Any]]],
+    quality: dict[str, dict[str, Any]],
+) -> str:
+    single, multi = str(min(args.streams)), str(max(args.streams))
+    lines = [
+        BEGIN,
+        "## Quantization (`benchmarks/quantization.py`)",
+        "",
+        f"Measured {datetime.now(UTC):%Y-%m-%d} on {machine()}. Random-weight checkpoints "
+        "saved in bfloat16; each method in a fresh process, the model in bfloat16 "
+        "(activations too), quantized while loading: int8 per output channel "
+        "(`_weight_int8pack_mm`), int4 group-wise, groups of 64 "
+        "(`_weight_int4pack_mm_for_cpu`), nf4 through bitsandbytes (its fused CPU kernel). "
+        "Embeddings and the (tied) LM head stay bfloat16. Weights: bytes of the parameters "
+        "and buffers of the linear layers / of the whole model. RSS: the process after "
+        f"loading (growth from loading in brackets). Throughput: greedy, {args.prompt} "
+        f"prompt tokens and {args.new} new per request, EOS ignored, {single} stream and "
+        f"{multi} streams submitted at once to the engine.",
+        "",
+        f"| shape | method | linear weights | vs bf16 | all weights | RSS | {single}-stream "
+        f"tok/s | vs bf16 | {multi}-stream tok/s | vs bf16 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for shape, rows in speed.items():
+        for method, result in rows.items():
+            lines.append(row(shape, method, result, rows.get("bf16"), single, multi))
+    targets = []
+    smollm = speed.get("smollm", {})
+    if "bf16" in smollm and "int8" in smollm:
+        b, i = smollm["bf16"], smollm["int8"]
+        speedup = i["tokens_per_s"][single] / b["tokens_per_s"][single]
+        share = i["linear_bytes"] / b["linear_bytes"]
+        share_all = i["total_bytes"] / b["total_bytes"]
+        targets += [
+            f"- int8 single-stream on the SmolLM shape: {speedup:.2f}x bf16 (target >= 1.5x: "
+            f"{'met' if speedup >= 1.5 else 'not met'}).",
+            f"- int8 weights: {share:.0%} of bf16's bytes in the linear layers (target <= 55%: "
+            f"{'met' if share <= 0.55 else 'not met'}); {share_all:.0%} of the whole model, "
+            "whose tied embedding stays bfloat16.",
+        ]
+    if quality:
+        base = quality.get("bf16")
+        tokens = next(iter(quality.values()))["tokens"]
+        lines += [
+            "",
+            f"Perplexity of the demo model ({args.ppl_source}) on {tokens} "
+            f"tokens of held-out Python text ({args.ppl_text}), windows of {args.ppl_window} "
+            "tokens:",
+            "",
+            "| method | perplexity | vs bf16 | target |",
+            "|---|---|---|---|",
+        ]
+        for method, r in quality.items():
+            change = r["perplexity"] / base["perplexity"] - 1 if base else 0.0
+            limit = {"bf16": None, "int8": 0.01}.get(method, 0.05)
+            verdict = (
+                "-"
+                if limit is None
+                else (f"within {limit:.0%}: {'met' if change <= limit else 'not met'}")
+            )
+            lines.append(f"| {method} | {r['perplexity']:.3f} | {change:+.2%} | {verdict} |")
+    if targets:
+        lines += ["", *targets]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def row(
+    shape: str,
+    method: str,
+    r: dict[str, Any],
+    base: dict[str, Any] | None,
+    single: str,
+    multi: str,
+) -> str:
+    def versus(value: float, reference: float) -> str:
+        return f"{value / reference:.2f}x" if base else "-"
+
+    tps = r["tokens_per_s"]
+    return (
+        f"| {SHAPES[shape][0]} | {method} | {mib(r['linear_bytes'])} | "
+        f"{versus(r['linear_bytes'], base['linear_bytes'] if base else 1)} | "
+        f"{mib(r['total_bytes'])} | {mib(r['rss'])} (+{mib(r['rss_growth'])}) | "
+        f"{tps[single]:.1f} | {versus(tps[single], base['tokens_per_s'][single] if base else 1)} | "
+        f"{tps[multi]:.1f} | {versus(tps[multi], base['tokens_per_s'][multi] if base else 1)} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["smollm", "qwen"])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--streams", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    parser.add_argument("--new", type=int, default=128, help="new tokens per request")
+    parser.add_argument("--layers", type=int, help="override every shape's layer count")
+    parser.add_argument("--demo-model", type=Path, help="checkpoint for perplexity")
+    parser.add_argument("--text", type=Path, nargs="+", help="held-out .py files or folders")
+    parser.add_argument("--ppl-tokens", type=int, default=16384)
+    parser.add_argument("--ppl-window", type=int, default=512)
+    parser.add_argument("--write", type=Path, help="write the section into this file")
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from docs_section import write
+
+    speed: dict[str, dict[str, dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for shape in args.shapes:
+            path = save_shape(Path(folder), shape, args.layers)
+            speed[shape] = {}
+            for method in args.methods:
+                quantize, sections = METHODS[method]
+                payload = {
+                    "path": str(path),
+                    "quantize": quantize,
+                    "sections": sections,
+                    "streams": args.streams,
+                    "prompt": args.prompt,
+                    "new": args.new,
+                }
+                speed[shape][method] = child(CHILD_SPEED, payload)
+                print(shape, method, json.dumps(speed[shape][method]), flush=True)
+    quality: dict[str, dict[str, Any]] = {}
+    model = demo_dir(args.demo_model)
+    files = held_out_files(args.text)
+    args.ppl_source = "--demo-model" if args.demo_model else "the `demo` model source"
+    args.ppl_text = (
+        ", ".join(str(t) for t in args.text) if args.text else "the standard library's [t-z]*.py"
+    )
+    if model is not None:
+        for method in args.methods:
+            quantize, sections = METHODS[method]
+            payload = {
+                "path": str(model),
+                "quantize": quantize,
+                "sections": sections,
+                "files": files,
+                "tokens": args.ppl_tokens,
+                "window": args.ppl_window,
+            }
+            quality[method] = child(CHILD_PERPLEXITY, payload)
+            print("perplexity", method, json.dumps(quality[method]), flush=True)
+    text = section(args, speed, quality)
+    print(text)
+    if args.write:
+        write(args.write, text)
+
+
+if __name__ == "__main__":
+    main()
