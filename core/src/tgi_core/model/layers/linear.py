@@ -37,10 +37,10 @@ class LinearMethod(Protocol):
     """How a linear layer stores its weight and computes ``x @ W.T (+ b)``."""
 
     def create_weights(self, layer: LinearBase, dtype: torch.dtype) -> None:
-        """Register the layer's weight parameter(s), each with a ``weight_loader``
-        attribute (usually ``layer.weight_loader``) and, unless it is a plain
-        ``[out, in]`` matrix, a layout (:func:`set_layout`). ``dtype`` is the
-        model's dtype; the bias is the layer's own business."""
+        """Register the layer's weight parameter(s) (:meth:`LinearBase.add_weight`: each
+        with the layer's ``weight_loader`` and, unless it is a plain ``[out, in]``
+        matrix, a :class:`ParamLayout`). ``dtype`` is the model's dtype; the bias is the
+        layer's own business."""
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The layer's local output (before any tensor-parallel reduction), in ``x``'s dtype."""
@@ -53,14 +53,8 @@ class UnquantizedLinearMethod:
     """The default: a float weight of shape ``[out, in]`` and ``F.linear``."""
 
     def create_weights(self, layer: LinearBase, dtype: torch.dtype) -> None:
-        weight = nn.Parameter(
-            torch.empty(
-                layer.output_size_per_partition, layer.input_size_per_partition, dtype=dtype
-            ),
-            requires_grad=False,
-        )
-        weight.weight_loader = layer.weight_loader  # type: ignore[attr-defined]
-        layer.register_parameter("weight", weight)
+        shape = (layer.output_size_per_partition, layer.input_size_per_partition)
+        layer.add_weight("weight", shape, dtype)
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, layer.weight, bias)
@@ -208,6 +202,23 @@ class LinearBase(nn.Module):
             raise RuntimeError("this linear layer already has a method")
         method.create_weights(self, self.params_dtype)
         self.method = method
+
+    def add_weight(
+        self,
+        name: str,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        layout: ParamLayout | None = None,
+    ) -> nn.Parameter:
+        """Register a parameter the checkpoint fills through this layer's
+        ``weight_loader`` (for linear methods' ``create_weights``); ``layout`` says where
+        it keeps its features (default: ``[out, in]`` for a matrix, ``[out]`` for a vector)."""
+        param = nn.Parameter(torch.empty(tuple(shape), dtype=dtype), requires_grad=False)
+        param.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        if layout is not None:
+            set_layout(param, layout)
+        self.register_parameter(name, param)
+        return param
 
     def tensor(self, name: str) -> torch.Tensor:
         """The parameter or buffer ``name`` (what a linear method registered), typed."""

@@ -11,21 +11,18 @@ group_size``) and drops them.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from tgi_awq.format import PACK, AWQConfig, unpack
-from tgi_core.model.layers.linear import LinearBase, ParamLayout, set_layout
+from tgi_core.model.layers.linear import LinearBase, ParamLayout
 from tgi_core.model.quantization import QuantizerContext
 from tgi_int4 import Int4Settings
 from tgi_int4.runtime import GroupwiseInt4, Int4LinearMethod, kernel_available
 
-
-def _parameter(
-    layer: LinearBase, name: str, shape: tuple[int, ...], dtype: torch.dtype, layout: ParamLayout
-) -> None:
-    param = set_layout(nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False), layout)
-    param.weight_loader = layer.weight_loader  # type: ignore[attr-defined]
-    layer.register_parameter(name, param)
+#: qweight ``[in, out / 8]``: 8 output features per int32
+QWEIGHT = ParamLayout(output_dim=1, input_dim=0, output_pack=PACK)
+#: qzeros ``[groups, out / 8]`` and scales ``[groups, out]``: every group on every rank
+QZEROS = ParamLayout(output_dim=1, input_dim=None, output_pack=PACK)
+SCALES = ParamLayout(output_dim=1, input_dim=None)
 
 
 class AWQLinearMethod(Int4LinearMethod):
@@ -43,13 +40,13 @@ class AWQLinearMethod(Int4LinearMethod):
                 "AWQ's packing"
             )
         groups = -(-layer.input_size // self.config.group_size)
-        _parameter(
-            layer, "qweight", (inputs, outputs // PACK), torch.int32, ParamLayout(1, 0, PACK)
+        # qweight [in, out / 8]: 8 output features per int32
+        layer.add_weight("qweight", (inputs, outputs // PACK), torch.int32, ParamLayout(1, 0, PACK))
+        # qzeros [groups, out / 8] and scales [groups, out]: every group on every rank
+        layer.add_weight(
+            "qzeros", (groups, outputs // PACK), torch.int32, ParamLayout(1, None, PACK)
         )
-        _parameter(
-            layer, "qzeros", (groups, outputs // PACK), torch.int32, ParamLayout(1, None, PACK)
-        )
-        _parameter(layer, "scales", (groups, outputs), torch.float32, ParamLayout(1, None))
+        layer.add_weight("scales", (groups, outputs), torch.float32, ParamLayout(1, None))
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         q = unpack(layer.tensor("qweight").data).T  # [out, in]

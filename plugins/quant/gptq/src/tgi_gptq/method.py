@@ -22,14 +22,13 @@ from tgi_gptq.format import PACK, GPTQConfig, unpack_columns, unpack_rows
 from tgi_int4 import Int4Settings
 from tgi_int4.runtime import GroupwiseInt4, Int4LinearMethod, kernel_available
 
-
-def _parameter(
-    layer: LinearBase, name: str, shape: tuple[int, ...], dtype: torch.dtype, layout: ParamLayout
-) -> nn.Parameter:
-    param = set_layout(nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False), layout)
-    param.weight_loader = layer.weight_loader  # type: ignore[attr-defined]
-    layer.register_parameter(name, param)
-    return param
+#: qweight ``[in / 8, out]``: 8 input features per int32
+QWEIGHT = ParamLayout(output_dim=1, input_dim=0, input_pack=PACK)
+#: qzeros ``[groups, out / 8]`` and scales ``[groups, out]``: every group on every rank
+QZEROS = ParamLayout(output_dim=1, input_dim=None, output_pack=PACK)
+SCALES = ParamLayout(output_dim=1, input_dim=None)
+#: g_idx ``[in]``: input features only
+G_IDX = ParamLayout(output_dim=None, input_dim=0)
 
 
 class GPTQLinearMethod(Int4LinearMethod):
@@ -48,14 +47,16 @@ class GPTQLinearMethod(Int4LinearMethod):
                     f"{PACK}, GPTQ's packing"
                 )
         groups = self.config.groups(layer.input_size)
-        _parameter(
-            layer, "qweight", (inputs // PACK, outputs), torch.int32, ParamLayout(1, 0, 1, PACK)
+        # qweight [in / 8, out]: 8 input features per int32
+        layer.add_weight(
+            "qweight", (inputs // PACK, outputs), torch.int32, ParamLayout(1, 0, 1, PACK)
         )
-        _parameter(
-            layer, "qzeros", (groups, outputs // PACK), torch.int32, ParamLayout(1, None, PACK)
+        # qzeros [groups, out / 8] and scales [groups, out]: every group on every rank
+        layer.add_weight(
+            "qzeros", (groups, outputs // PACK), torch.int32, ParamLayout(1, None, PACK)
         )
-        _parameter(layer, "scales", (groups, outputs), torch.float32, ParamLayout(1, None))
-        g_idx = _parameter(layer, "g_idx", (inputs,), torch.int32, ParamLayout(None, 0))
+        layer.add_weight("scales", (groups, outputs), torch.float32, ParamLayout(1, None))
+        g_idx = layer.add_weight("g_idx", (inputs,), torch.int32, G_IDX)
         g_idx.weight_loader = self._g_idx_loader(layer)  # type: ignore[attr-defined]
 
     @staticmethod
@@ -70,9 +71,7 @@ class GPTQLinearMethod(Int4LinearMethod):
                 layer.weight_loader(param, loaded, shard_id)
                 loaded_once = True
                 return
-            scratch = set_layout(
-                nn.Parameter(torch.empty_like(param), requires_grad=False), ParamLayout(None, 0)
-            )
+            scratch = set_layout(nn.Parameter(torch.empty_like(param), requires_grad=False), G_IDX)
             layer.weight_loader(scratch, loaded, shard_id)
             if not torch.equal(scratch.data, param.data):
                 raise ValueError(
