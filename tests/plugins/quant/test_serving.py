@@ -7,12 +7,20 @@ serves and logs its quantizer; unsupported combinations stop it with one line.""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from litestar.testing import TestClient
@@ -158,39 +166,43 @@ def test_fast_path_chooses_tokens_the_reference_ranks_first(
 
 
 def environ() -> dict[str, str]:
-    """The host's environment without the variables tgi reads."""
-    import os
-
+    """The host's environment without the variables tgi or torch.distributed read."""
     from tgi_core.config import FIELDS
 
     names = {info.env for info in FIELDS.values() if info.env}
-    names |= {"TGI_LOAD_PLUGINS", "TGI_CONFIG", "TGI_TRACE_PLUGINS"}
+    names |= {"TGI_LOAD_PLUGINS", "TGI_CONFIG", "TGI_TRACE_PLUGINS", "OMP_NUM_THREADS"}
+    names |= {"WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}
     return {key: value for key, value in os.environ.items() if key not in names}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def serve_command(model_dir: Path, *flags: str) -> list[str]:
     return [sys.executable, "-m", "tgi_core.cli", "serve", "--model-id", str(model_dir), *flags]
 
 
-@pytest.mark.slow
-def test_tgi_core_serve_with_quantize_over_http(llama: Path, tmp_path: Path) -> None:
-    import signal
-    import socket
-    import time
-
-    import httpx
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = tmp_path / "server.log"
-    flags = ("--quantize", "int8", "--hostname", "127.0.0.1", "--port", str(port))
-    command = serve_command(llama, *flags, "--max-batch-total-tokens", "1024", "--json-output")
+@contextmanager
+def running_server(model_dir: Path, log: Path, *flags: str) -> Iterator[str]:
+    """`tgi-core serve` in its own session, healthy; stopped with SIGTERM, then its whole
+    session (rank 0 and any ranks it started) killed."""
+    port = free_port()
+    command = serve_command(
+        model_dir,
+        *("--hostname", "127.0.0.1", "--port", str(port), "--max-batch-total-tokens", "1024"),
+        "--json-output",
+        *flags,
+    )
     with open(log, "w") as out:
-        process = subprocess.Popen(command, env=environ(), stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, env=environ(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:
             assert process.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
@@ -200,17 +212,79 @@ def test_tgi_core_serve_with_quantize_over_http(llama: Path, tmp_path: Path) -> 
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
+        yield base
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+def log_lines(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+def test_tgi_core_serve_with_quantize_over_http(llama: Path, tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    with running_server(llama, log, "--quantize", "int8") as base:
         response = httpx.post(
             f"{base}/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 5}}
         )
         assert response.status_code == 200 and isinstance(response.json()["generated_text"], str)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
-    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-    quantized = next(line for line in lines if line["event"] == "model quantized")
+    quantized = next(line for line in log_lines(log) if line["event"] == "model quantized")
     assert quantized["quantizer"] == "int8" and quantized["linear_layers"] == 4 * 2
     assert quantized["weight_mib"] >= 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["int4", "gptq", "awq"])
+def test_two_quantized_shards_generate_what_one_does(
+    method: str, served: Any, tmp_path: Path
+) -> None:
+    """`--num-shard 2`: each rank quantizes (int4) or reads (GPTQ with act-order, AWQ)
+    only its slices; in float32 on the portable paths, greedy tokens equal one shard's
+    and logprobs agree within 1e-4 (the ranks' partial sums add up in another order)."""
+    model_dir, quantize, _ = served(method)
+    deploy = tmp_path / "deploy.toml"
+    deploy.write_text(PORTABLE)
+    options = {"quantize": quantize} if quantize else {}
+    request = {
+        "inputs": PROMPT,
+        "parameters": {
+            "max_new_tokens": NEW_TOKENS,
+            "details": True,
+            "decoder_input_details": True,
+        },
+    }
+    app = build_test_app(
+        str(model_dir),
+        config_file=str(deploy),
+        dtype="float32",
+        max_batch_total_tokens="1024",
+        enable_prefill_logprobs="true",
+        **options,
+    )
+    with TestClient(app) as client:
+        expected = client.post("/generate", json=request).json()
+    flags = ["--dtype", "float32", "--config", str(deploy), "--enable-prefill-logprobs"]
+    flags += ["--quantize", quantize] if quantize else []
+    flags += ["--num-shard", "2", "--master-port", str(free_port())]
+    log = tmp_path / "sharded.log"
+    with running_server(model_dir, log, *flags) as base:
+        got = httpx.post(f"{base}/generate", json=request, timeout=60).json()
+    mine, theirs = got["details"], expected["details"]
+    assert [t["id"] for t in mine["tokens"]] == [t["id"] for t in theirs["tokens"]]
+    for ours, reference in zip(
+        mine["tokens"] + mine["prefill"][1:], theirs["tokens"] + theirs["prefill"][1:], strict=True
+    ):
+        assert abs(ours["logprob"] - reference["logprob"]) <= 1e-4
+    loaded = {line["rank"]: line for line in log_lines(log) if line["event"] == "shard loaded"}
+    assert set(loaded) == {0, 1}
+    quantized = next(line for line in log_lines(log) if line["event"] == "model quantized")
+    assert quantized["quantizer"] == method and quantized["linear_layers"] == 4 * 2
 
 
 @pytest.mark.slow

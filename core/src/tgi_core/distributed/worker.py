@@ -1,7 +1,8 @@
 """Every rank but 0: load this rank's shard, then run the plans rank 0 broadcasts.
 
 A worker joins the group, loads its slices of the checkpoint (with the dtype rank 0
-chose), reports ``loaded/R``, allocates the KV cache rank 0 sized (``setup``), reports
+chose and the same quantizer, which quantizes or reads only this rank's slices),
+reports ``loaded/R``, allocates the KV cache rank 0 sized (``setup``), reports
 ``ready/R``, then loops: wait for a plan, apply its block copies, run
 ``ModelRunner.execute`` with the plan's arguments; a heartbeat plan is only a sign of
 life, a shutdown plan ends the loop (exit code 0).
@@ -53,6 +54,7 @@ def wait_for_key(store: Any, key: str, timeout: float) -> dict[str, Any]:
 
 def run_worker(config: ServeConfig, topology: Topology, *, parent_pid: int | None = None) -> int:
     """Serve as rank ``topology.rank`` until rank 0 shuts the group down; the exit code."""
+    from tgi_core.config import validate_plugin_sections
     from tgi_core.engine.model_runner import ModelRunner
     from tgi_core.model.base import DTYPES, ModelContext
     from tgi_core.model.loader import load_model
@@ -91,7 +93,14 @@ def run_worker(config: ServeConfig, topology: Topology, *, parent_pid: int | Non
         dtype = DTYPES[model_setup["dtype"]]
         registry = Registry.build(make_plugin_manager())
         model_dir, _, _ = resolve_model_id(config.model_id, registry)
-        loaded = load_model(model_dir, registry, ctx=ModelContext(dtype=dtype))
+        sections = validate_plugin_sections(config.plugins, {}, registry)
+        loaded = load_model(
+            model_dir,
+            registry,
+            ctx=ModelContext(dtype=dtype),
+            quantize=config.quantize,
+            plugin_sections=sections,
+        )
         loaded_info = {"weight_bytes": loaded.weight_bytes, "bytes_read": loaded.bytes_read}
         log.info("shard loaded", rank=rank, **loaded_info)
         store.set(f"loaded/{rank}", json.dumps(loaded_info))
