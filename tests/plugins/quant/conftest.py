@@ -64,15 +64,32 @@ def int8_reference(weight: torch.Tensor) -> torch.Tensor:
 
 
 def int4_reference(weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Per output feature and group: scale (max - min) / 15 (1 for a constant group) and
-    offset min + 8 * scale, both rounded to bfloat16; w = (q - 8) * scale + offset."""
-    out, inputs = weight.shape
-    groups = weight.view(out, inputs // group_size, group_size)
-    low, high = groups.amin(-1), groups.amax(-1)
-    scale = torch.where(high > low, (high - low) / 15, 1.0).bfloat16().float()[..., None]
-    offset = (low + 8 * scale[..., 0]).bfloat16().float()[..., None]
-    q = (torch.round((groups - offset) / scale) + 8).clamp(0, 15)
-    return ((q - 8) * scale + offset).view(out, inputs)
+    """Per output feature and group (the last one shorter if the inputs do not divide
+    evenly): scale (max - min) / 15 (1 for a constant group) and offset min + 8 * scale,
+    both rounded to bfloat16; w = (q - 8) * scale + offset."""
+    columns = []
+    for start in range(0, weight.shape[1], group_size):
+        group = weight[:, start : start + group_size]
+        low, high = group.amin(dim=1, keepdim=True), group.amax(dim=1, keepdim=True)
+        scale = torch.where(high > low, (high - low) / 15, 1.0).bfloat16().float()
+        offset = (low + 8 * scale).bfloat16().float()
+        q = (torch.round((group - offset) / scale) + 8).clamp(0, 15)
+        columns.append((q - 8) * scale + offset)
+    return torch.cat(columns, dim=1)
+
+
+def bnb_reference(weight: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """bitsandbytes' own quantize and dequantize of ``weight`` padded with zero input
+    features to whole blocks of 64 (as tgi-bitsandbytes does on CPU)."""
+    from tgi_bitsandbytes.method import import_bitsandbytes
+
+    functional = import_bitsandbytes().functional
+    inputs = weight.shape[1]
+    padded = torch.nn.functional.pad(weight, (0, -inputs % 64)).contiguous()
+    packed, state = functional.quantize_4bit(
+        padded, blocksize=64, quant_type=quant_type, compress_statistics=False
+    )
+    return functional.dequantize_4bit(packed, state)[:, :inputs]
 
 
 def rtn(

@@ -87,22 +87,12 @@ def served(llama: Path, tmp_path: Path, formats: Any, gptq_checkpoint: Any, awq_
         dequantize = {
             "int8": formats.int8_reference,
             "int4": lambda w: formats.int4_reference(w, 32),
-            "bitsandbytes-nf4": lambda w: bnb_dequantized(w, "nf4"),
-            "bitsandbytes-fp4": lambda w: bnb_dequantized(w, "fp4"),
+            "bitsandbytes-nf4": lambda w: formats.bnb_reference(w, "nf4"),
+            "bitsandbytes-fp4": lambda w: formats.bnb_reference(w, "fp4"),
         }[method]
         return llama, method, formats.dequantized_copy(llama, tmp_path / "reference", dequantize)
 
     return make
-
-
-def bnb_dequantized(weight: torch.Tensor, quant_type: str) -> torch.Tensor:
-    from tgi_bitsandbytes.method import import_bitsandbytes
-
-    functional = import_bitsandbytes().functional
-    packed, state = functional.quantize_4bit(
-        weight.contiguous(), blocksize=64, quant_type=quant_type, compress_statistics=False
-    )
-    return functional.dequantize_4bit(packed, state)
 
 
 def generate(

@@ -201,37 +201,28 @@ def test_int4_ranks_quantize_their_slices(
 @pytest.mark.parametrize("kernel", [False, True], ids=["portable", "kernel"])
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("kind", KINDS)
-def test_bitsandbytes_ranks_quantize_their_slices(kind: str, world: int, kernel: bool) -> None:
-    """bitsandbytes' CPU kernels need input features per rank in multiples of 64: a
-    row-parallel layer of 128 inputs over 4 ranks is refused."""
+def test_bitsandbytes_ranks_quantize_their_slices(
+    kind: str, world: int, kernel: bool, formats: Any
+) -> None:
+    """A row-parallel rank of 128 inputs over 4 holds 32: padded to a block of 64."""
     from tgi_bitsandbytes.method import (
         CPU_PACK_OUTPUTS,
         BitsAndBytesLinearMethod,
-        BitsAndBytesQuantizer,
         import_bitsandbytes,
     )
-    from tgi_core.model.quantization import QuantizerContext
 
-    if kind == "row" and world == 4:
-        quantizer = BitsAndBytesQuantizer(QuantizerContext(name="bitsandbytes-nf4"))
-        layer = build(kind, ParallelContext(0, world), _Unquantized())
-        with pytest.raises(ValueError, match=r"its 32 input features .* not a multiple of 64"):
-            quantizer.linear_method(layer, "row")
-        return
     bnb = import_bitsandbytes()
-
-    def bnb_reference(weight: torch.Tensor) -> torch.Tensor:
-        packed, state = bnb.functional.quantize_4bit(
-            weight.contiguous(), blocksize=64, quant_type="nf4", compress_statistics=False
-        )
-        return bnb.functional.dequantize_4bit(packed, state)
-
-    outputs = build(kind, ParallelContext(0, world), _Unquantized()).output_size_per_partition
-    pack = kernel and outputs % CPU_PACK_OUTPUTS == 0
+    layer = build(kind, ParallelContext(0, world), _Unquantized())
+    pack = kernel and layer.output_size_per_partition % CPU_PACK_OUTPUTS == 0
+    pad = -layer.input_size_per_partition % 64
+    assert pad == (32 if (kind, world) == ("row", 4) else 0)
     weights = float_weights(kind)
-    make = lambda: BitsAndBytesLinearMethod(bnb, "nf4", pack)  # noqa: E731
+    make = lambda: BitsAndBytesLinearMethod(bnb, "nf4", pack, pad)  # noqa: E731
     got, _ = run_ranks(kind, world, make, load_float(weights), x_for(kind))
-    close(got, expected(kind, world, weights, x_for(kind), bnb_reference), kernel=pack)
+    reference = expected(
+        kind, world, weights, x_for(kind), lambda w: formats.bnb_reference(w, "nf4")
+    )
+    close(got, reference, kernel=pack)
 
 
 # -- pre-quantized: each rank reads its slice of the packed tensors ---------------------

@@ -19,7 +19,6 @@ from tgi_bitsandbytes.method import (
 )
 from tgi_core.errors import ConfigError
 from tgi_core.model.base import ModelContext
-from tgi_core.model.checkpoint import CheckpointError
 from tgi_core.model.fixtures import compare_with_transformers, save_checkpoint
 from tgi_core.model.layers.linear import ReplicatedLinear
 from tgi_core.model.loader import load_model
@@ -29,14 +28,6 @@ from tgi_core.model.weights import LazyTensor
 GENERATOR = torch.Generator().manual_seed(0)
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7]]
 BNB = import_bitsandbytes()
-
-
-def bnb_dequantized(weight: torch.Tensor, quant_type: str) -> torch.Tensor:
-    functional = BNB.functional
-    packed, state = functional.quantize_4bit(
-        weight, blocksize=64, quant_type=quant_type, compress_statistics=False
-    )
-    return functional.dequantize_4bit(packed, state)
 
 
 def test_both_schemes_are_registered(tgi_registry: Any) -> None:
@@ -58,7 +49,7 @@ def test_this_cpu_runs_the_fused_kernel() -> None:
 @pytest.mark.parametrize("kernel", [False, True], ids=["portable", "kernel"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_layer_equals_matmul_with_dequantized_weights(
-    quant_type: str, kernel: bool, dtype: torch.dtype
+    quant_type: str, kernel: bool, dtype: torch.dtype, formats: Any
 ) -> None:
     """Portable in float32: exact (1e-5). The fused kernel, or bfloat16 activations:
     within 1% of the output's magnitude."""
@@ -69,7 +60,7 @@ def test_layer_equals_matmul_with_dequantized_weights(
     layer.weight_loader(layer.bias, LazyTensor.of(bias, "b"))
     method.process_weights_after_loading(layer)
     assert not hasattr(layer, "weight") and layer.tensor("bnb_weight").dtype == torch.uint8
-    dequantized = bnb_dequantized(weight, quant_type)
+    dequantized = formats.bnb_reference(weight, quant_type)
     # a sanity bound on 4-bit: half the widest step of the code (FP4: 1/6 of the absmax)
     absmax = weight.view(-1, 64).abs().amax(dim=1).repeat_interleave(64).view(64, 128)
     assert bool(((dequantized - weight).abs() <= absmax / 6 + 1e-6).all())
@@ -123,16 +114,27 @@ def test_model_equals_transformers_bitsandbytes_model(quant_type: str, llama_64:
     assert result.tokens == result.reference_tokens
 
 
-def test_layers_its_cpu_kernels_cannot_take_are_refused_by_name(
-    tiny_llama: Path, tgi_registry: Any
-) -> None:
-    with pytest.raises(
-        CheckpointError,
-        match=r"quantizer 'bitsandbytes-nf4' cannot take layer model.layers.0.mlp.down_proj: "
-        r"its 96 input features \(per rank\) are not a multiple of 64, bitsandbytes' block "
-        r"size, which its CPU kernels need",
-    ):
-        load_model(str(tiny_llama), tgi_registry, ctx=ModelContext(), quantize="bitsandbytes-nf4")
+@pytest.mark.parametrize("kernel", [False, True], ids=["portable", "kernel"])
+def test_inputs_off_whole_blocks_are_padded(kernel: bool, formats: Any) -> None:
+    """bitsandbytes 0.50's CPU kernels get blocks that straddle rows wrong: a layer of
+    96 inputs is padded to 128 with zero inputs, so each row is two whole blocks."""
+    quantizer = BitsAndBytesQuantizer(QuantizerContext(name="bitsandbytes-nf4"))
+    layer = ReplicatedLinear(96, 64, dtype=torch.bfloat16 if kernel else torch.float32)
+    method = quantizer.linear_method(layer, "down_proj")
+    assert method.pad == 32 and method.pack_for_cpu
+    method.pack_for_cpu = kernel
+    weight = torch.randn(64, 96, generator=GENERATOR)
+    layer = ReplicatedLinear(96, 64, method=method, dtype=layer.params_dtype)
+    layer.weight_loader(layer.weight, LazyTensor.of(weight, "w"))
+    method.process_weights_after_loading(layer)
+    x = torch.randn(3, 96, generator=GENERATOR).to(layer.params_dtype)
+    dequantized = formats.bnb_reference(weight, "nf4")
+    expected = x.float() @ dequantized.T
+    if kernel:
+        atol = 1e-2 * float(expected.abs().max())
+        torch.testing.assert_close(layer(x).float(), expected, rtol=0, atol=atol)
+    else:
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_bitsandbytes_that_cannot_import_is_a_clear_startup_error(

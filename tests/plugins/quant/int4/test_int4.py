@@ -10,8 +10,11 @@ import torch
 
 from tgi_core.errors import ConfigError
 from tgi_core.model.base import ModelContext
-from tgi_core.model.checkpoint import CheckpointError
-from tgi_core.model.layers.linear import ReplicatedLinear, RowParallelLinear
+from tgi_core.model.layers.linear import (
+    ReplicatedLinear,
+    RowParallelLinear,
+    deferred_linear_methods,
+)
 from tgi_core.model.loader import load_model
 from tgi_core.model.parallel import ParallelContext
 from tgi_core.model.quantization import QuantizerContext
@@ -21,6 +24,7 @@ from tgi_int4.method import Int4AtLoadMethod, Int4Quantizer, quantize_groupwise
 from tgi_int4.runtime import (
     GroupwiseInt4,
     Int4LinearMethod,
+    KernelPlan,
     kernel_plan,
     pack_nibbles,
     unpack_nibbles,
@@ -125,38 +129,45 @@ def test_layer_equals_matmul_with_dequantized_weights(kernel: bool, grouping: st
 def test_kernel_plan_needs_16_outputs_and_fitting_groups() -> None:
     assert kernel_plan(random_int4(24, 64, 2, torch.arange(64) // 32)) is None
     per_channel = random_int4(16, 96, 1, torch.zeros(96, dtype=torch.long))
-    assert kernel_plan(per_channel) == (None, 32)  # one group of 96: kernel groups of 32
-    assert kernel_plan(random_int4(16, 40, 1, torch.zeros(40, dtype=torch.long))) is None
+    assert kernel_plan(per_channel) == KernelPlan(None, 32, 0)  # one group of 96
+    # one group of 40: the least padding (24), then the larger kernel group (64)
+    assert kernel_plan(random_int4(16, 40, 1, torch.zeros(40, dtype=torch.long))) == KernelPlan(
+        None, 64, 24
+    )
+    # groups of 64 and a last one of 48: kernel groups of 64, the last padded by 16
+    ragged = random_int4(16, 688, 11, torch.arange(688) // 64)
+    assert kernel_plan(ragged) == KernelPlan(None, 64, 16)
     # a rank holding every group's scales uses only its own: the rest are dropped
     used = random_int4(16, 64, 6, torch.arange(64) // 32 + 2).compacted()
     assert used.scale.shape == (16, 2) and torch.equal(used.group_index, torch.arange(64) // 32)
 
 
-def test_group_sizes_that_do_not_fit_are_refused(tiny_llama: Any, tgi_registry: Any) -> None:
+@pytest.mark.parametrize("kernel", [False, True], ids=["portable", "kernel"])
+def test_a_short_last_group(kernel: bool, formats: Any) -> None:
+    """688 inputs in groups of 64 (the demo model's down_proj): ten groups and one of
+    48, which the kernel pads with zero inputs; any group size and any layer size load."""
+    weight = torch.randn(32, 688, generator=GENERATOR)
+    quantized = quantize_groupwise(weight, 64)
+    assert quantized.scale.shape == (32, 11)
+    assert torch.equal(quantized.dequantize(), formats.int4_reference(weight, 64))
     quantizer = Int4Quantizer(
-        QuantizerContext(name="int4", plugin_sections={"int4": Int4Settings(group_size=128)})
+        QuantizerContext(name="int4", plugin_sections={"int4": Int4Settings(group_size=64)})
     )
-    row = RowParallelLinear(192, 16, tp=ParallelContext(rank=0, world_size=2))
-    with pytest.raises(
-        ValueError,
-        match=r"its 96 input features \(per rank\) are not a "
-        r"multiple of the group size 128; set \[plugins.int4\] group_size "
-        r"\(these do: 32\)",
-    ):
-        quantizer.linear_method(row, "row")
-    # through the loader: the layer is named, before any tensor is read
-    with pytest.raises(
-        CheckpointError,
-        match=r"quantizer 'int4' cannot take layer "
-        r"model.layers.0.self_attn.qkv_proj: its 64 input features",
-    ):
-        load_model(
-            str(tiny_llama),
-            tgi_registry,
-            ctx=ModelContext(),
-            quantize="int4",
-            plugin_sections={"int4": Int4Settings(group_size=128)},
-        )
+    with deferred_linear_methods():  # as the loader builds layers for a quantizer
+        row = RowParallelLinear(1376, 32, tp=ParallelContext(rank=1, world_size=2))
+    method = quantizer.linear_method(row, "row")
+    method.use_kernel = kernel
+    row.bind_method(method)
+    row.weight_loader(row.weight, LazyTensor.of(torch.cat([weight, weight], dim=1), "w"))
+    method.process_weights_after_loading(row)
+    assert method.pad == (16 if kernel else 0)
+    x = torch.randn(3, 688, generator=GENERATOR)
+    expected = (x.bfloat16().float() if kernel else x) @ quantized.dequantize().T
+    if kernel:
+        atol = 1e-2 * float(expected.abs().max())
+        torch.testing.assert_close(row(x), expected, rtol=0, atol=atol)
+    else:
+        torch.testing.assert_close(row(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_int4_is_refused_on_a_prequantized_checkpoint(

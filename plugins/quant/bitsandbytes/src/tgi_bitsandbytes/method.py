@@ -10,7 +10,9 @@ the activations' dtype (exact in float32).
 
 Measured with bitsandbytes 0.50.2: its CPU kernels handle input features only in
 multiples of the block size (64); other shapes dequantize to wrong values (blocks that
-straddle rows) or crash. On CPU such layers are refused at startup.
+straddle rows) or crash. On CPU such a layer's weight is padded with zero input features
+to whole blocks (and its input with zeros at every forward), so its blocks never
+straddle rows; transformers' bitsandbytes layers would straddle them (and fail on CPU).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from tgi_bitsandbytes import BitsAndBytesSettings
 from tgi_core.model.layers.linear import LinearBase, UnquantizedLinearMethod
@@ -85,18 +88,20 @@ def cpu_kernel_available(bnb: Any) -> bool:
 class BitsAndBytesLinearMethod:
     """Loads the float weight (float32, one layer at a time), then quantizes it.
 
-    ``pack_for_cpu``: repack for bitsandbytes' fused CPU kernel.
+    ``pack_for_cpu``: repack for bitsandbytes' fused CPU kernel; ``pad``: zero input
+    features appended to the weight (and to every input).
     """
 
-    def __init__(self, bnb: Any, quant_type: str, pack_for_cpu: bool) -> None:
+    def __init__(self, bnb: Any, quant_type: str, pack_for_cpu: bool, pad: int = 0) -> None:
         self.bnb, self.quant_type, self.pack_for_cpu = bnb, quant_type, pack_for_cpu
+        self.pad = pad
         self.state: Any = None
 
     def create_weights(self, layer: LinearBase, dtype: torch.dtype) -> None:
         UnquantizedLinearMethod().create_weights(layer, torch.float32)
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
-        weight = layer.weight.data
+        weight = F.pad(layer.weight.data, (0, self.pad))
         del layer.weight
         functional = self.bnb.functional
         packed, self.state = functional.quantize_4bit(
@@ -113,6 +118,8 @@ class BitsAndBytesLinearMethod:
         layer.register_buffer("bnb_absmax", self.state.absmax, persistent=False)
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.pad:
+            x = F.pad(x, (0, self.pad))
         out = self.bnb.matmul_4bit(x, layer.tensor("bnb_weight"), quant_state=self.state)
         if bias is not None:
             out = out + bias
@@ -135,10 +142,6 @@ class BitsAndBytesQuantizer:
 
     def linear_method(self, layer: LinearBase, prefix: str) -> BitsAndBytesLinearMethod:
         inputs, outputs = layer.input_size_per_partition, layer.output_size_per_partition
-        if self.on_cpu and inputs % BLOCK_SIZE:
-            raise ValueError(
-                f"its {inputs} input features (per rank) are not a multiple of "
-                f"{BLOCK_SIZE}, bitsandbytes' block size, which its CPU kernels need"
-            )
+        pad = -inputs % BLOCK_SIZE if self.on_cpu else 0
         pack = self.cpu_kernel and outputs % CPU_PACK_OUTPUTS == 0
-        return BitsAndBytesLinearMethod(self.bnb, self.quant_type, pack)
+        return BitsAndBytesLinearMethod(self.bnb, self.quant_type, pack, pad)

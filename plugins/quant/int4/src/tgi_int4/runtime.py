@@ -11,10 +11,11 @@ AWQ (the same, ``g[i] = i // group_size``). :class:`Int4LinearMethod` then runs 
 - on CPU, torch's ``_weight_int4pack_mm_for_cpu`` kernel, which computes exactly that
   form with bfloat16 activations, scales and offsets, in uniform groups of 32 to 256
   input features. When ``g`` is not sorted (GPTQ act-order) the input features are
-  permuted so that each group is contiguous, and the activations with them. It needs
-  output features in multiples of 16, and groups whose sizes one kernel group size
-  divides (a rank of a row-parallel act-order layer may hold uneven parts of groups);
-  otherwise the layer takes the portable path;
+  permuted so that each group is contiguous, and the activations with them; a last
+  group shorter than the others (input features that are not a multiple of the group
+  size) is padded with zero inputs. It needs output features in multiples of 16, and
+  groups whose sizes one kernel group size divides (a rank of a row-parallel act-order
+  layer may hold uneven parts of groups); otherwise the layer takes the portable path;
 - the portable path: 4-bit values packed two per byte, dequantized at every forward
   and multiplied in the activations' dtype (exact in float32, slow, any device).
 """
@@ -103,20 +104,38 @@ def kernel_available(device: torch.device) -> bool:
     )
 
 
-def kernel_plan(weights: GroupwiseInt4) -> tuple[torch.Tensor | None, int] | None:
-    """How the CPU kernel can run ``weights``: the input permutation that makes each
-    group contiguous (None when they already are) and a kernel group size dividing
-    every group's share; None when it cannot."""
+@dataclass(frozen=True)
+class KernelPlan:
+    """How the CPU kernel runs a layer's weights."""
+
+    #: input features in kernel order (groups contiguous), or None: already in order
+    perm: torch.Tensor | None
+    #: the kernel's group size
+    group_size: int
+    #: zero input features appended so that the last group fills a kernel group
+    pad: int
+
+
+def kernel_plan(weights: GroupwiseInt4) -> KernelPlan | None:
+    """How the CPU kernel can run ``weights``, or None when it cannot: the input
+    permutation that makes each group contiguous, and a kernel group size that divides
+    the share of every group but the last, whose remainder is padded with zero inputs
+    (the least padding wins, then the larger group size)."""
     out, inputs = weights.q.shape
     if out % KERNEL_OUTPUT_MULTIPLE or not inputs:
         return None
     order = torch.argsort(weights.group_index, stable=True)
     identity = torch.equal(order, torch.arange(inputs))
     _, counts = torch.unique_consecutive(weights.group_index[order], return_counts=True)
-    for size in KERNEL_GROUP_SIZES:
-        if bool((counts % size == 0).all()):
-            return (None if identity else order), size
-    return None
+    fitting = [
+        (-int(counts[-1]) % size, -size)
+        for size in KERNEL_GROUP_SIZES
+        if bool((counts[:-1] % size == 0).all())
+    ]
+    if not fitting:
+        return None
+    pad, size = min(fitting)
+    return KernelPlan(None if identity else order, -size, pad)
 
 
 class Int4LinearMethod:
@@ -133,6 +152,8 @@ class Int4LinearMethod:
         self.kernel_group_size: int | None = None
         #: the kernel's input features are permuted (``int4_perm``)
         self.permuted = False
+        #: zero input features the kernel appends (a last group shorter than its groups)
+        self.pad = 0
         self.input_features = 0
 
     def install(self, layer: LinearBase, weights: GroupwiseInt4) -> None:
@@ -146,11 +167,13 @@ class Int4LinearMethod:
             layer.register_buffer("int4_offset", weights.offset.float(), persistent=False)
             layer.register_buffer("int4_group_index", weights.group_index, persistent=False)
             return
-        perm, size = plan
         q, index = weights.q, weights.group_index
-        if perm is not None:
-            q, index = q[:, perm], index[perm]
-        first = index[::size]  # the group of each kernel group
+        if plan.perm is not None:
+            q, index = q[:, plan.perm], index[plan.perm]
+        if plan.pad:  # the padded inputs are zeros: any value, the last group's scale
+            q = F.pad(q, (0, plan.pad), value=8)
+            index = F.pad(index, (0, plan.pad), value=int(index[-1]))
+        first = index[:: plan.group_size]  # the group of each kernel group
         scale, offset = weights.scale[:, first], weights.offset[:, first]
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             q.to(torch.int32).contiguous(), 2
@@ -159,16 +182,19 @@ class Int4LinearMethod:
         scales_and_zeros = torch.stack([scale.T, offset.T], dim=-1).to(KERNEL_DTYPE)
         layer.register_buffer("int4_weight", packed, persistent=False)
         layer.register_buffer("int4_scales_and_zeros", scales_and_zeros.contiguous(), False)
-        if perm is not None:
-            layer.register_buffer("int4_perm", perm, persistent=False)
-        self.permuted = perm is not None
-        self.kernel_group_size = size
+        if plan.perm is not None:
+            layer.register_buffer("int4_perm", plan.perm, persistent=False)
+        self.permuted = plan.perm is not None
+        self.pad = plan.pad
+        self.kernel_group_size = plan.group_size
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if self.kernel_group_size is not None:
             if self.permuted:
                 flat = flat.index_select(1, layer.tensor("int4_perm"))
+            if self.pad:
+                flat = F.pad(flat, (0, self.pad))
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 flat.to(KERNEL_DTYPE).contiguous(),
                 layer.tensor("int4_weight"),
