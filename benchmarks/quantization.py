@@ -1,24 +1,26 @@
 """Quantization side by side: weight memory, tokens/s and perplexity for bf16, int8, int4, nf4.
 
 For each shape (random-weight SmolLM-135M- and Qwen2.5-0.5B-shaped checkpoints), each
-method runs in a fresh process, one after the other: the model is loaded in bfloat16
+method runs in a fresh process, ``--rounds`` times in alternating order (medians are
+reported, since the machines are shared): the model is loaded in bfloat16
 (this CPU's default dtype) and quantized while loading; the process reports the bytes
 of the linear layers' weights and of the whole model (parameters and buffers), its
 resident set size after loading (and the growth from loading), then the engine's
 greedy throughput for 1 stream and for 32 concurrent streams (all submitted at once,
 EOS ignored), after a short warm-up. Quality: perplexity of the demo model (the
 ``demo`` model source of tgi-demo, or ``--demo-model DIR``) on held-out Python text,
-in windows of ``--ppl-window`` tokens, with each method.
+in windows of ``--ppl-window`` tokens, with each method (by default the demo's own
+held-out split of the standard library, which it never trained on).
 
 Targets (issue 10): int8 single-stream >= 1.5x bf16 on the SmolLM shape; int8 weights
 <= 55% of bf16's bytes; perplexity within 1% of bf16 for int8 and 5% for 4-bit.
 
     python benchmarks/quantization.py [--write docs/benchmarks.md]
 
-Smoke run (a tiny shape, a few tokens, a tiny model for perplexity):
+Smoke run (a tiny shape, a few tokens, a part of the held-out text):
 
     python benchmarks/quantization.py --shapes tiny --streams 1 4 --prompt 8 --new 8 \
-        --demo-model DIR --ppl-tokens 256 --ppl-window 64
+        --rounds 1 --ppl-tokens 2048 --ppl-window 256
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -213,14 +216,23 @@ def save_shape(folder: Path, shape: str, layers: int | None) -> Path:
     )
 
 
-def held_out_files(given: list[Path] | None) -> list[str]:
-    """The text for perplexity: the given files (or every .py under given folders), else
-    Python standard library modules from the end of the alphabet."""
+def held_out_files(given: list[Path] | None) -> tuple[list[str], str]:
+    """The text for perplexity, and how to name it: the given files (every .py under
+    given folders), else the demo model's held-out split of the standard library (files
+    it never trained on; ``tgi_demo.corpus``), else the standard library's [t-z]*.py."""
     if given:
         files = [f for g in given for f in (sorted(g.rglob("*.py")) if g.is_dir() else [g])]
-    else:
+        return [str(f) for f in files], ", ".join(str(g) for g in given)
+    try:
+        from tgi_demo.corpus import split, stdlib_folder, stdlib_sources
+    except ImportError:
         files = sorted(Path(os.__file__).parent.glob("[t-z]*.py"))
-    return [str(f) for f in files]
+        return [str(f) for f in files], "the standard library's [t-z]*.py"
+    _, held_out = split(stdlib_sources())
+    root = stdlib_folder()
+    return [str(root / f.path) for f in held_out], (
+        f"the demo model's {len(held_out)} held-out standard-library files"
+    )
 
 
 def demo_dir(given: Path | None) -> Path | None:
@@ -237,6 +249,16 @@ def demo_dir(given: Path | None) -> Path | None:
         print(f"no demo model ({exc}); perplexity skipped", flush=True)
         return None
     return Path(folder)
+
+
+def median_run(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first run's memory figures, with each stream count's median tokens/s."""
+    merged = dict(results[0])
+    merged["tokens_per_s"] = {
+        streams: statistics.median(r["tokens_per_s"][streams] for r in results)
+        for streams in results[0]["tokens_per_s"]
+    }
+    return merged
 
 
 def mib(value: float) -> str:
@@ -277,7 +299,8 @@ def section(
         "and buffers of the linear layers / of the whole model. RSS: the process after "
         f"loading (growth from loading in brackets). Throughput: greedy, {args.prompt} "
         f"prompt tokens and {args.new} new per request, EOS ignored, {single} stream and "
-        f"{multi} streams submitted at once to the engine.",
+        f"{multi} streams submitted at once to the engine; the median of {args.rounds} "
+        "runs of each method, in alternating order.",
         "",
         f"| shape | method | linear weights | vs bf16 | all weights | RSS | {single}-stream "
         f"tok/s | vs bf16 | {multi}-stream tok/s | vs bf16 |",
@@ -355,6 +378,7 @@ def main() -> None:
     parser.add_argument("--streams", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     parser.add_argument("--new", type=int, default=128, help="new tokens per request")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each method (median)")
     parser.add_argument("--layers", type=int, help="override every shape's layer count")
     parser.add_argument("--demo-model", type=Path, help="checkpoint for perplexity")
     parser.add_argument("--text", type=Path, nargs="+", help="held-out .py files or folders")
@@ -369,26 +393,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for shape in args.shapes:
             path = save_shape(Path(folder), shape, args.layers)
-            speed[shape] = {}
-            for method in args.methods:
-                quantize, sections = METHODS[method]
-                payload = {
-                    "path": str(path),
-                    "quantize": quantize,
-                    "sections": sections,
-                    "streams": args.streams,
-                    "prompt": args.prompt,
-                    "new": args.new,
-                }
-                speed[shape][method] = child(CHILD_SPEED, payload)
-                print(shape, method, json.dumps(speed[shape][method]), flush=True)
+            runs: dict[str, list[dict[str, Any]]] = {method: [] for method in args.methods}
+            for round_ in range(args.rounds):  # alternate the order: drifts hit every method
+                order = args.methods if round_ % 2 == 0 else args.methods[::-1]
+                for method in order:
+                    quantize, sections = METHODS[method]
+                    payload = {
+                        "path": str(path),
+                        "quantize": quantize,
+                        "sections": sections,
+                        "streams": args.streams,
+                        "prompt": args.prompt,
+                        "new": args.new,
+                    }
+                    runs[method].append(child(CHILD_SPEED, payload))
+                    print(shape, method, json.dumps(runs[method][-1]), flush=True)
+            speed[shape] = {method: median_run(results) for method, results in runs.items()}
     quality: dict[str, dict[str, Any]] = {}
     model = demo_dir(args.demo_model)
-    files = held_out_files(args.text)
+    files, args.ppl_text = held_out_files(args.text)
     args.ppl_source = "--demo-model" if args.demo_model else "the `demo` model source"
-    args.ppl_text = (
-        ", ".join(str(t) for t in args.text) if args.text else "the standard library's [t-z]*.py"
-    )
     if model is not None:
         for method in args.methods:
             quantize, sections = METHODS[method]
