@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tgi_core.model.layers import cpu_gemm
 from tgi_core.model.parallel import ParallelContext, current_parallel_context
 from tgi_core.model.weights import LazyTensor
 
@@ -77,6 +78,17 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().__init__(num_embeddings, embedding_dim, dtype=dtype, tp=tp)
         if bias:
             raise NotImplementedError("an LM head bias is not supported yet")
+        #: a oneDNN-packed copy of the weight (``cpu_gemm``), made on first use and
+        #: remade if the weight's storage changes; the embedding keeps the plain weight
+        self._packed: tuple[int, torch.Tensor] | None = None
+
+    def _packed_weight(self) -> torch.Tensor | None:
+        if not cpu_gemm.can_pack(self.weight):
+            return None
+        key = self.weight.data_ptr()
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, cpu_gemm.pack(self.weight))
+        return self._packed[1]
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         """Share ``embedding``'s weight (``tie_word_embeddings``)."""
@@ -84,7 +96,11 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits ``[T, vocab]`` (every rank returns the whole vocabulary)."""
-        logits = F.linear(hidden_states, self.weight)
+        packed = self._packed_weight()
+        if packed is not None:
+            logits = cpu_gemm.packed_linear(hidden_states, packed)
+        else:
+            logits = F.linear(hidden_states, self.weight)
         if self.tp.world_size == 1:
             return logits
         return self.tp.all_gather_last_dim(logits)[..., : self.num_embeddings]

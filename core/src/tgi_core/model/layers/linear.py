@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tgi_core.model.layers import cpu_gemm
 from tgi_core.model.parallel import ParallelContext, current_parallel_context
 from tgi_core.model.weights import LazyTensor
 
@@ -50,17 +51,21 @@ class LinearMethod(Protocol):
 
 
 class UnquantizedLinearMethod:
-    """The default: a float weight of shape ``[out, in]`` and ``F.linear``."""
+    """The default: a float weight of shape ``[out, in]`` and ``F.linear``; on a CPU with
+    native bf16, a bf16 weight is packed for oneDNN once loaded (``cpu_gemm``)."""
 
     def create_weights(self, layer: LinearBase, dtype: torch.dtype) -> None:
         shape = (layer.output_size_per_partition, layer.input_size_per_partition)
         layer.add_weight("weight", shape, dtype)
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if layer.weight.is_mkldnn:
+            return cpu_gemm.packed_linear(x, layer.weight, bias)
         return F.linear(x, layer.weight, bias)
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
-        pass
+        if cpu_gemm.can_pack(layer.weight):
+            layer.weight = nn.Parameter(cpu_gemm.pack(layer.weight), requires_grad=False)
 
 
 class _UnboundLinearMethod:
