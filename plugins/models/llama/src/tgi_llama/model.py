@@ -175,6 +175,7 @@ class LlamaForCausalLM(nn.Module):
         seq_lens = batch.seq_lens_per_token() if self.rotary_emb.rope_type == "dynamic" else None
         cos, sin = self.rotary_emb.cos_sin(positions, seq_lens)
         hidden, residual = self.model.embed_tokens(input_ids), None
+        cos, sin = cos.to(hidden.dtype), sin.to(hidden.dtype)  # once, not in every layer
         for layer in self.model.layers:
             hidden, residual = layer(hidden, residual, cos, sin, batch)
         assert residual is not None
