@@ -45,12 +45,14 @@ def serve(resolved: ResolvedConfig) -> None:
         return
     import uvicorn
 
+    from tgi_core.engine.threads import reserve_threads_for_engine
     from tgi_core.server.app import build_app
     from tgi_core.server.builder import build_state
 
     shards = _start_shards(resolved, topology) if topology.sharded else None
+    engine_threads = reserve_threads_for_engine()  # before the model loads
     try:
-        state = build_state(resolved, registry, shards)
+        state = build_state(resolved, registry, shards, engine_threads=engine_threads)
     except BaseException as exc:
         if shards is not None:
             shards.abort(f"rank 0 failed to start: {exc}")

@@ -91,3 +91,31 @@ def test_a_consumer_that_leaves_cancels_its_request(engine) -> None:
     asyncio.run(main())
     assert not engine.engine.has_work()
     assert engine.engine.stats().kv_blocks_used == 0
+
+
+def test_the_engine_thread_takes_the_threads_it_is_given(checkpoint: Path) -> None:
+    """``serve`` leaves the main thread one intra-op thread and gives the engine thread
+    the machine's (tgi_core.engine.threads); the forward runs with that setting."""
+    from tgi_core.engine.threads import reserve_threads_for_engine
+
+    seen: list[int] = []
+    engine = AsyncEngine(build_engine(checkpoint, num_blocks=64, block_size=4), threads=1)
+    engine.engine.step_observer = lambda *_: seen.append(torch.get_num_threads())
+    before = torch.get_num_threads()
+    engine.start()
+    try:
+
+        async def consume() -> None:
+            async for _ in engine.generate(request("t", [5, 6, 7], 3)):
+                pass
+
+        asyncio.run(consume())
+    finally:
+        engine.shutdown()
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before  # the caller's own setting is untouched
+    try:
+        assert reserve_threads_for_engine() == before
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

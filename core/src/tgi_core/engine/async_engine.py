@@ -33,8 +33,11 @@ class _Stream:
 class AsyncEngine:
     """Runs an :class:`Engine` in a background thread."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, threads: int | None = None) -> None:
+        """``threads``: torch's intra-op threads in the engine thread (default: leave
+        torch's setting; see :mod:`tgi_core.engine.threads`)."""
         self.engine = engine
+        self.threads = threads
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
@@ -108,6 +111,10 @@ class AsyncEngine:
                 self.engine.abort(command[1])
 
     def _run(self) -> None:
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
         while not self._stopping:
             self._drain_commands()
             self._stats = self.engine.stats()

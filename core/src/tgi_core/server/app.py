@@ -8,6 +8,7 @@ the payload limit.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import uuid
 from collections.abc import Mapping
@@ -39,7 +40,9 @@ OPEN_PATHS = frozenset(
 OPEN_PREFIXES = ("/docs", "/api-doc", "/schema")
 
 
+@functools.cache
 def version() -> str:
+    """tgi-core's installed version (read once: the metadata lookup costs milliseconds)."""
     import importlib.metadata
 
     try:

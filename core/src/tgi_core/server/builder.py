@@ -78,9 +78,16 @@ def _decoder_start(hf_config: Any) -> int:
 
 
 def build_state(
-    resolved: ResolvedConfig, registry: Registry, shards: ShardSupervisor | None = None
+    resolved: ResolvedConfig,
+    registry: Registry,
+    shards: ShardSupervisor | None = None,
+    *,
+    engine_threads: int | None = None,
 ) -> ServerState:
     """Load the model and its tokenizer, size the KV cache, build the engine.
+
+    ``engine_threads``: torch's intra-op threads in the engine thread (``serve`` gives
+    the machine's, having left the main thread one: :mod:`tgi_core.engine.threads`).
 
     With ``shards`` (rank 0 of a tensor-parallel group), the model is this rank's shard,
     the KV cache is sized once every rank has loaded (the machine's memory is shared by
@@ -185,7 +192,7 @@ def build_state(
         max_input_tokens=max_input,
         dtype=str(dtype).removeprefix("torch."),
         attention=backend_spec.name,
-        threads=torch.get_num_threads(),
+        threads=engine_threads or torch.get_num_threads(),
         num_shard=shards.world_size if shards is not None else 1,
     )
     model = ModelInfo(
@@ -207,7 +214,7 @@ def build_state(
         {"name": p.name, "distribution": p.distribution, "version": p.version}
         for p in registry.plugins
     ]
-    async_engine = AsyncEngine(engine)
+    async_engine = AsyncEngine(engine, threads=engine_threads)
     metrics = ServerMetrics(
         lambda: async_engine.stats,
         max_input_tokens=max_input,
