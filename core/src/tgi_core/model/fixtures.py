@@ -9,6 +9,7 @@ prompt in one forward, then one token at a time through transformers' own cache.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +154,8 @@ def compare_with_transformers(
     for n, prompt in enumerate(prompts):
         expected = reference_logits(model, prompt, tokens[n][:decode_steps])
         got = torch.cat([ours[n], *(row[None] for row in decoded[n])])
-        worst = max(worst, (expected - got).abs().max().item())
+        diff = (expected - got).abs().max().item()
+        worst = max(worst, diff) if math.isfinite(diff) else math.inf  # max() drops NaN
         reference_tokens.append([int(t) for t in expected[len(prompt) - 1 :].argmax(-1)])
     return Comparison(worst, [t[: decode_steps + 1] for t in tokens], reference_tokens)
 
