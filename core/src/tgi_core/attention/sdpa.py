@@ -18,7 +18,7 @@ The cache and the attention math are bfloat16 for a bfloat16 model on a CPU that
 computes bf16 natively (AVX-512 BF16 or AMX: there bf16 SDPA measured 2-3x faster than
 float32, and the gathers move half the bytes), float32 otherwise (where bf16 is emulated,
 bf16 SDPA is several times slower; docs/benchmarks.md). Layers with an additive position
-bias (ALiBi, T5's relative bias) always compute in float32, so the bias keeps its
+bias that grows with the position (ALiBi) always compute in float32, so the bias keeps its
 precision, reading a bf16 cache through a conversion.
 """
 
@@ -104,9 +104,9 @@ class SdpaBackend(AttentionBackend):
 
     @staticmethod
     def _compute_dtype(layer: Attention, cache_dtype: torch.dtype) -> torch.dtype:
-        """The cache's dtype, or float32 for a layer that adds a position bias."""
-        plain = layer.alibi_slopes is None and layer.position_bias is None
-        return cache_dtype if plain else torch.float32
+        """The cache's dtype, or float32 for an ALiBi layer (its bias grows with the
+        position, beyond what bf16 resolves)."""
+        return cache_dtype if layer.alibi_slopes is None else torch.float32
 
     def prepare(self, batch: ForwardBatch) -> _Plan:
         decode_ids = [i for i, chunk in enumerate(batch.chunks) if chunk.num_new == 1]
@@ -208,7 +208,7 @@ class SdpaBackend(AttentionBackend):
                 key, value = keys.index_select(0, p.slots), values.index_select(0, p.slots)
             key = key.to(dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
             value = value.to(dtype).transpose(0, 1).unsqueeze(0)
-            mask = self._prefill_mask(layer, p, key.shape[2], plan)
+            mask = self._prefill_mask(layer, p, key.shape[2], plan, dtype)
             attended = F.scaled_dot_product_attention(
                 query,
                 key,
@@ -241,14 +241,16 @@ class SdpaBackend(AttentionBackend):
             q.to(dtype).unsqueeze(2),
             key,
             value,
-            attn_mask=self._decode_mask(layer, d, plan),
+            attn_mask=self._decode_mask(layer, d, plan, dtype),
             scale=layer.scale,
             enable_gqa=gqa,
         )
         return attended.squeeze(2)
 
     @staticmethod
-    def _decode_mask(layer: Attention, d: _Decodes, plan: _Plan) -> torch.Tensor | None:
+    def _decode_mask(
+        layer: Attention, d: _Decodes, plan: _Plan, dtype: torch.dtype
+    ) -> torch.Tensor | None:
         plain = layer.alibi_slopes is None and layer.position_bias is None
         if d.all_valid and layer.sliding_window is None and plain:
             return None  # every sequence as long as the longest: nothing to mask
@@ -265,7 +267,7 @@ class SdpaBackend(AttentionBackend):
             key = ("decode", id(layer.position_bias))
             if key not in plan.memo:  # the table is shared by every layer: once per step
                 bias = layer.position_bias(d.query_pos[:, None], d.key_pos.long())  # [S,H,1,L]
-                plan.memo[key] = bias.masked_fill(~allowed, float("-inf"))
+                plan.memo[key] = bias.to(dtype).masked_fill(~allowed, float("-inf"))
             return plan.memo[key]
         assert layer.alibi_slopes is not None
         bias = layer.alibi_slopes.float()[None, :, None, None] * d.key_pos  # [1, H, 1, L]
@@ -273,7 +275,7 @@ class SdpaBackend(AttentionBackend):
 
     @staticmethod
     def _prefill_mask(
-        layer: Attention, p: _Prefill, num_keys: int, plan: _Plan
+        layer: Attention, p: _Prefill, num_keys: int, plan: _Plan, dtype: torch.dtype
     ) -> torch.Tensor | None:
         plain = layer.alibi_slopes is None and layer.position_bias is None
         if p.num_cached == 0 and layer.sliding_window is None and plain:
@@ -289,7 +291,7 @@ class SdpaBackend(AttentionBackend):
             key = ("prefill", p.start, id(layer.position_bias))
             if key not in plan.memo:
                 bias = layer.position_bias(query_pos[:, 0], key_pos[0])  # [H, n, L]
-                plan.memo[key] = bias.masked_fill(~allowed, float("-inf")).unsqueeze(0)
+                plan.memo[key] = bias.to(dtype).masked_fill(~allowed, float("-inf")).unsqueeze(0)
             return plan.memo[key]
         assert layer.alibi_slopes is not None
         bias = layer.alibi_slopes.float()[:, None, None] * key_pos.float()  # [H, 1, L]
@@ -315,7 +317,7 @@ class SdpaBackend(AttentionBackend):
                 key = ("encoder", end - start, id(layer.position_bias))
                 if key not in plan.memo:
                     positions = torch.arange(end - start)
-                    plan.memo[key] = layer.position_bias(positions, positions)[None]
+                    plan.memo[key] = layer.position_bias(positions, positions)[None].to(dtype)
                 mask = plan.memo[key]
             attended = F.scaled_dot_product_attention(
                 q[start:end].to(dtype).transpose(0, 1)[None],
