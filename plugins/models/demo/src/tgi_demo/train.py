@@ -1,6 +1,6 @@
 """Train the demo model from scratch on the Python standard library, on a CPU.
 
-    python -m tgi_demo.train                 # writes src/tgi_demo/model/ (about 12 min, 2 cores)
+    python -m tgi_demo.train                 # writes src/tgi_demo/model/ (about 14 min, 2 cores)
     python -m tgi_demo.train --out DIR --steps 50   # a quick try
 
 Steps: read the corpus (``tgi_demo.corpus``), train a byte-level BPE tokenizer on the
