@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from docs_section import write
+from shapes import SMOLLM_135M
 from transformers import DynamicCache, LlamaConfig
 
 from tgi_core.model.base import DTYPES, ModelContext
@@ -32,17 +33,7 @@ from tgi_core.model.runner import PagedRunner
 from tgi_core.plugins import make_plugin_manager
 from tgi_core.registry import Registry
 
-SMOLLM = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    max_position_embeddings=2048,
-    tie_word_embeddings=True,
-    rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-)
+SMOLLM = dict(SMOLLM_135M)
 BEGIN, END = "<!-- model-step:begin -->", "<!-- model-step:end -->"
 
 

@@ -36,37 +36,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from shapes import QWEN25_05B, SMOLLM_135M
+
 BEGIN, END = "<!-- quantization:begin -->", "<!-- quantization:end -->"
 SHAPES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "smollm": (
         "SmolLM-135M",
         "LlamaConfig",
-        dict(
-            vocab_size=49152,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            max_position_embeddings=2048,
-            tie_word_embeddings=True,
-            rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-        ),
+        SMOLLM_135M,
     ),
     "qwen": (
         "Qwen2.5-0.5B",
         "Qwen2Config",
-        dict(
-            vocab_size=151936,
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            tie_word_embeddings=True,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        ),
+        QWEN25_05B,
     ),
     "tiny": (
         "tiny (smoke runs)",

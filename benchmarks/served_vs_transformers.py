@@ -48,6 +48,7 @@ from tgi_core.model.fixtures import save_checkpoint, train_word_level_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from docs_section import write
+from shapes import QWEN25_05B, SMOLLM_135M
 
 BEGIN, END = "<!-- served-vs-transformers:begin -->", "<!-- served-vs-transformers:end -->"
 SPECIAL = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)
@@ -55,32 +56,12 @@ SHAPES: dict[str, tuple[str, Any, dict[str, Any]]] = {
     "smollm": (
         "SmolLM-135M-shaped Llama",
         LlamaConfig,
-        dict(
-            vocab_size=49152,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            max_position_embeddings=2048,
-            tie_word_embeddings=True,
-            rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-        ),
+        SMOLLM_135M,
     ),
     "qwen": (
         "Qwen2.5-0.5B-shaped Qwen2",
         Qwen2Config,
-        dict(
-            vocab_size=151936,
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            tie_word_embeddings=True,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        ),
+        QWEN25_05B,
     ),
 }
 
