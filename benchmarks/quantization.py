@@ -277,7 +277,8 @@ def section(
         "(activations too), quantized while loading: int8 per output channel "
         "(`_weight_int8pack_mm`), int4 group-wise, groups of 64 "
         "(`_weight_int4pack_mm_for_cpu`), nf4 through bitsandbytes (its fused CPU kernel). "
-        "Embeddings and the (tied) LM head stay bfloat16. Weights: bytes of the parameters "
+        "int8 also quantizes the (tied) embedding and LM head table; the other methods keep "
+        "it bfloat16. Weights: bytes of the parameters "
         "and buffers of the linear layers / of the whole model. RSS: the process after "
         f"loading (growth from loading in brackets). Throughput: greedy, {args.prompt} "
         f"prompt tokens and {args.new} new per request, EOS ignored, {single} stream and "
@@ -303,7 +304,7 @@ def section(
             f"{'met' if speedup >= 1.5 else 'not met'}).",
             f"- int8 weights: {share:.0%} of bf16's bytes in the linear layers (target <= 55%: "
             f"{'met' if share <= 0.55 else 'not met'}); {share_all:.0%} of the whole model, "
-            "whose tied embedding stays bfloat16.",
+            "the embedding and LM head table included.",
         ]
     if quality:
         base = quality.get("bf16")

@@ -1,8 +1,8 @@
 """Checkpoints for the quantizer tests, written here independently of the loaders.
 
-- ``dequantized_copy(source, target, dequantize)``: a float checkpoint whose linear
-  weights are replaced by ``dequantize(weight)``: the float model a quantized one must
-  equal (transformers runs it as the reference).
+- ``dequantized_copy(source, target, dequantize, tables=False)``: a float checkpoint
+  whose linear weights (and vocabulary tables) are replaced by ``dequantize(weight)``:
+  the float model a quantized one must equal (transformers runs it as the reference).
 - ``gptq_checkpoint`` / ``awq_checkpoint``: a float checkpoint quantized (round to
   nearest) and saved in the published format, packed with the loops AutoGPTQ's
   ``QuantLinear.pack`` and AutoAWQ's ``WQLinear_GEMM.from_linear`` use, plus the
@@ -45,12 +45,23 @@ def _save(target: Path, tensors: dict[str, torch.Tensor], qconfig: dict | None =
     return target
 
 
+#: 2-D tensors that are vocabulary tables (embeddings, LM heads)
+VOCABULARY = ("embed_tokens", "lm_head", "word_embeddings", "shared")
+
+
 def dequantized_copy(
-    source: Path, target: Path, dequantize: Callable[[torch.Tensor], torch.Tensor]
+    source: Path,
+    target: Path,
+    dequantize: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    tables: bool = False,
 ) -> Path:
+    """``source`` with its linear weights (and, with ``tables``, its embedding and LM
+    head tables) replaced by ``dequantize(weight)``."""
     tensors = _copy_folder(source, target)
     for name, tensor in tensors.items():
-        if is_linear_weight(name, tensor):
+        table = tables and tensor.dim() == 2 and any(n in name for n in VOCABULARY)
+        if is_linear_weight(name, tensor) or table:
             tensors[name] = dequantize(tensor.float()).to(tensor.dtype).contiguous()
     return _save(target, tensors)
 

@@ -124,7 +124,9 @@ def serve(
             "bitsandbytes-nf4": lambda w: formats.bnb_reference(w, "nf4"),
             "bitsandbytes-fp4": lambda w: formats.bnb_reference(w, "fp4"),
         }[method]
-        reference = formats.dequantized_copy(float_checkpoint, tmp_path / "reference", dequantize)
+        reference = formats.dequantized_copy(
+            float_checkpoint, tmp_path / "reference", dequantize, tables=method == "int8"
+        )
         return Served(float_checkpoint, reference, method, sections)
 
     return make

@@ -90,7 +90,10 @@ def served(llama: Path, tmp_path: Path, formats: Any, gptq_checkpoint: Any, awq_
             "bitsandbytes-nf4": lambda w: formats.bnb_reference(w, "nf4"),
             "bitsandbytes-fp4": lambda w: formats.bnb_reference(w, "fp4"),
         }[method]
-        return llama, method, formats.dequantized_copy(llama, tmp_path / "reference", dequantize)
+        reference = formats.dequantized_copy(
+            llama, tmp_path / "reference", dequantize, tables=method == "int8"
+        )
+        return llama, method, reference
 
     return make
 

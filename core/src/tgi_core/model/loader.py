@@ -25,7 +25,11 @@ from tgi_core.model.base import ModelContext, default_torch_dtype
 from tgi_core.model.checkpoint import Checkpoint, CheckpointError
 from tgi_core.model.layers.linear import deferred_linear_methods
 from tgi_core.model.layers.norm import load_whole
-from tgi_core.model.quantization import bind_linear_methods, make_quantizer
+from tgi_core.model.quantization import (
+    bind_linear_methods,
+    make_quantizer,
+    quantize_vocabularies,
+)
 from tgi_core.model.weights import SafetensorsWeights
 from tgi_core.registry import Registry
 from tgi_core.specs import ModelSpec
@@ -276,6 +280,8 @@ def load_model(
         with default_torch_dtype(ctx.dtype), torch.device(ctx.device):
             quantized = bind_linear_methods(model, active)
     load_weights(model, weights, progress=progress)
+    if active is not None:
+        quantize_vocabularies(model, active)
     model.eval()
     name = active.spec.name if active is not None else None
     return LoadedModel(

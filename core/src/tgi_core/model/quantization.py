@@ -29,6 +29,7 @@ from torch import nn
 
 from tgi_core.errors import ConfigError
 from tgi_core.model.checkpoint import Checkpoint, CheckpointError
+from tgi_core.model.layers.embedding import VocabParallelEmbedding, VocabularyMethod
 from tgi_core.model.layers.linear import LinearBase, LinearMethod, UnquantizedLinearMethod
 from tgi_core.model.parallel import ParallelContext, current_parallel_context
 from tgi_core.registry import Registry
@@ -184,6 +185,37 @@ def make_quantizer(
             f"quantizer {spec.name!r} cannot serve {checkpoint.path}: {exc}"
         ) from None
     return ActiveQuantizer(spec, quantizer)
+
+
+def quantize_vocabularies(model: nn.Module, active: ActiveQuantizer) -> int:
+    """Quantize the embedding and LM head tables, if the quantizer does.
+
+    A quantizer may have ``vocabulary_method(weight, prefix) -> VocabularyMethod | None``
+    (``weight``: the loaded table's local rows; ``prefix``: the module's name); a table
+    shared by a tied embedding and LM head gets one method for both. Returns how many
+    modules were quantized.
+    """
+    make = getattr(active.quantizer, "vocabulary_method", None)
+    if make is None:
+        return 0
+    methods: dict[int, VocabularyMethod | None] = {}
+    quantized = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, VocabParallelEmbedding) or module.method is not None:
+            continue
+        key = id(module.weight)
+        if key not in methods:
+            try:
+                methods[key] = make(module.weight.data, name)
+            except ValueError as exc:
+                raise CheckpointError(
+                    f"quantizer {active.spec.name!r} cannot take table {name}: {exc}"
+                ) from None
+        method = methods[key]
+        if method is not None:
+            module.quantize(method)
+            quantized += 1
+    return quantized
 
 
 def bind_linear_methods(model: nn.Module, active: ActiveQuantizer) -> int:

@@ -92,3 +92,46 @@ def test_portable_setting_and_other_devices_skip_the_kernel() -> None:
     assert not Int8Quantizer(portable).use_kernel
     meta = QuantizerContext(name="int8", device=torch.device("meta"))
     assert not Int8Quantizer(meta).use_kernel
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_vocabulary_table_lookup_and_logits(kernel: bool) -> None:
+    """One int8 table serves a tied embedding and LM head: lookups are the dequantized
+    rows, logits the matmul with them; the float weight is gone and the int8 table is
+    stored once."""
+    from torch import nn
+
+    from tgi_core.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+    from tgi_core.model.loader import LoadedModel
+    from tgi_int8.method import Int8Vocabulary
+
+    weight = torch.randn(40, 64, generator=GENERATOR).bfloat16()
+    embedding = VocabParallelEmbedding(40, 64, dtype=torch.bfloat16)
+    embedding.weight.data.copy_(weight)
+    head = ParallelLMHead(40, 64, dtype=torch.bfloat16)
+    head.tie_to(embedding)
+    table = Int8Vocabulary(weight, use_kernel=kernel)
+    embedding.quantize(table)
+    head.quantize(table)
+    exact = dequantize(table.qweight, table.scales)
+    ids = torch.tensor([0, 7, 39, 7])
+    torch.testing.assert_close(embedding(ids), exact[ids].bfloat16(), rtol=0, atol=0)
+    hidden = torch.randn(3, 64, generator=GENERATOR).bfloat16()
+    expected = hidden.float() @ exact.T
+    torch.testing.assert_close(head(hidden).float(), expected, atol=0.05, rtol=0.02)
+    assert not hasattr(embedding, "weight") and not hasattr(head, "weight")
+    model = nn.ModuleDict({"embed": embedding, "head": head})
+    loaded = LoadedModel.__new__(LoadedModel)
+    loaded.model = model
+    assert loaded.weight_bytes == 40 * 64 + 40 * 2  # int8 values and bf16 scales, once
+
+
+def test_vocabulary_setting_keeps_tables_float() -> None:
+    ctx = QuantizerContext(name="int8", plugin_sections={"int8": Int8Settings(vocabulary=False)})
+    assert Int8Quantizer(ctx).vocabulary_method(torch.zeros(4, 16), "lm_head") is None
+    assert (
+        Int8Quantizer(QuantizerContext(name="int8")).vocabulary_method(
+            torch.zeros(4, 16), "lm_head"
+        )
+        is not None
+    )

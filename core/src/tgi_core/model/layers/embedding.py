@@ -8,6 +8,7 @@ summed; the LM head computes the logits of its range and gathers them.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,24 @@ from torch import nn
 from tgi_core.model.layers import cpu_gemm
 from tgi_core.model.parallel import ParallelContext, current_parallel_context
 from tgi_core.model.weights import LazyTensor
+
+
+class VocabularyMethod(Protocol):
+    """How a quantized vocabulary table computes (a quantizer's ``vocabulary_method``).
+
+    One object may serve an embedding and the LM head tied to it. Its tensors are
+    registered as buffers of the modules it serves (:meth:`buffers`), the table's rows
+    being this rank's vocabulary range.
+    """
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``[T, hidden]`` (in the model's dtype) of the local ``ids``."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden @ table.T``: ``[T, local vocabulary]`` in ``hidden``'s dtype."""
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The tensors it holds, by name (registered on the modules it serves)."""
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -42,6 +61,20 @@ class VocabParallelEmbedding(nn.Module):
             requires_grad=False,
         )
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        #: a quantized table replacing ``weight`` (:meth:`quantize`), or None
+        self.method: VocabularyMethod | None = None
+
+    def quantize(self, method: VocabularyMethod) -> None:
+        """Compute through ``method`` from now on; the float weight is dropped."""
+        del self.weight
+        self.method = method
+        for name, tensor in method.buffers().items():
+            self.register_buffer(name, tensor, persistent=False)
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.method is not None:
+            return self.method.lookup(ids)
+        return F.embedding(ids, self.weight)
 
     def weight_loader(
         self, param: nn.Parameter, loaded: LazyTensor, shard_id: object = None
@@ -56,11 +89,11 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self._lookup(input_ids)
         in_range = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
         local = torch.where(in_range, input_ids - self.vocab_start, 0)
-        out = F.embedding(local, self.weight) * in_range.unsqueeze(-1).to(self.weight.dtype)
-        return self.tp.all_reduce(out)
+        rows = self._lookup(local)
+        return self.tp.all_reduce(rows * in_range.unsqueeze(-1).to(rows.dtype))
 
 
 class ParallelLMHead(VocabParallelEmbedding):
@@ -96,8 +129,9 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits ``[T, vocab]`` (every rank returns the whole vocabulary)."""
-        packed = self._packed_weight()
-        if packed is not None:
+        if self.method is not None:
+            logits = self.method.logits(hidden_states)
+        elif (packed := self._packed_weight()) is not None:
             logits = cpu_gemm.packed_linear(hidden_states, packed)
         else:
             logits = F.linear(hidden_states, self.weight)

@@ -20,6 +20,8 @@ class Int8Settings(msgspec.Struct, forbid_unknown_fields=True):
     #: ``auto``: torch's CPU int8 kernel where it runs, else the portable path;
     #: ``portable``: always dequantize and matmul (any device, exact in float32).
     kernel: Literal["auto", "portable"] = "auto"
+    #: quantize the embedding and LM head tables too (one int8 table when tied)
+    vocabulary: bool = True
 
 
 INT8 = tgi_core.QuantizerSpec(

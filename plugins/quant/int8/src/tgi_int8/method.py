@@ -1,4 +1,5 @@
-"""Weight-only int8: ``w[o, i] = q[o, i] * scale[o]``, quantized from the float checkpoint.
+"""Weight-only int8: ``w[o, i] = q[o, i] * scale[o]``, quantized from the float checkpoint
+(the linear layers, and the embedding and LM head tables: :class:`Int8Vocabulary`).
 
 Each output channel's scale is its largest magnitude over 127, rounded to bfloat16 (the
 kernel's dtype); the int8 values are rounded against that stored scale, so every path
@@ -80,13 +81,49 @@ class Int8LinearMethod:
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
+class Int8Vocabulary:
+    """An embedding table (and the LM head tied to it) in int8, one scale per row.
+
+    A row's scale is a vocabulary entry's, which is also an output channel of the LM
+    head: the same int8 table serves the lookup (rows dequantized to the model's dtype)
+    and the head (the CPU kernel, or the portable path), in half the bytes of bf16.
+    """
+
+    def __init__(self, weight: torch.Tensor, use_kernel: bool) -> None:
+        self.dtype = weight.dtype
+        self.qweight, self.scales = quantize_per_channel(weight)
+        self.use_kernel = use_kernel and weight.shape[1] % KERNEL_INPUT_MULTIPLE == 0
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return {"qweight": self.qweight, "scales": self.scales}
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.qweight).float() * self.scales.float()[ids].unsqueeze(-1)
+        return rows.to(self.dtype)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if self.use_kernel:
+            out = torch.ops.aten._weight_int8pack_mm(
+                flat.to(KERNEL_DTYPE).contiguous(), self.qweight, self.scales
+            ).to(hidden.dtype)
+        else:
+            out = F.linear(flat, self.qweight.to(hidden.dtype)) * self.scales.to(hidden.dtype)
+        return out.view(*hidden.shape[:-1], out.shape[-1])
+
+
 class Int8Quantizer:
-    """Every linear layer of the model in int8 (the LM head and embeddings stay float)."""
+    """Every linear layer of the model in int8, and (``vocabulary = true``, the default)
+    the embedding and LM head tables."""
 
     def __init__(self, ctx: QuantizerContext) -> None:
         settings = ctx.section("int8", Int8Settings)
         self.use_kernel = settings.kernel == "auto" and kernel_available(ctx.device)
+        self.vocabulary = settings.vocabulary
 
     def linear_method(self, layer: LinearBase, prefix: str) -> Int8LinearMethod:
         fits = layer.input_size_per_partition % KERNEL_INPUT_MULTIPLE == 0
         return Int8LinearMethod(use_kernel=self.use_kernel and fits)
+
+    def vocabulary_method(self, weight: torch.Tensor, prefix: str) -> Int8Vocabulary | None:
+        return Int8Vocabulary(weight, self.use_kernel) if self.vocabulary else None
