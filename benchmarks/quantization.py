@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from machine import describe_machine
 from shapes import QWEN25_05B, SMOLLM_135M
 
 BEGIN, END = "<!-- quantization:begin -->", "<!-- quantization:end -->"
@@ -247,21 +248,6 @@ def mib(value: float) -> str:
     return f"{value / 2**20:.0f} MiB" if value >= 2**20 else f"{value / 2**10:.0f} KiB"
 
 
-def machine() -> str:
-    import torch
-
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    threads = torch.get_num_threads()
-    return f"{model}, {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} threads"
-
-
 def section(
     args: argparse.Namespace,
     speed: dict[str, dict[str, dict[str, Any]]],
@@ -272,7 +258,7 @@ def section(
         BEGIN,
         "## Quantization (`benchmarks/quantization.py`)",
         "",
-        f"Measured {datetime.now(UTC):%Y-%m-%d} on {machine()}. Random-weight checkpoints "
+        f"Measured {datetime.now(UTC):%Y-%m-%d} on {describe_machine()}. Random-weight checkpoints "
         "saved in bfloat16; each method in a fresh process, the model in bfloat16 "
         "(activations too), quantized while loading: int8 per output channel "
         "(`_weight_int8pack_mm`), int4 group-wise, groups of 64 "

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -48,6 +47,7 @@ from tgi_core.model.fixtures import save_checkpoint, train_word_level_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from docs_section import write
+from machine import describe_machine
 from shapes import QWEN25_05B, SMOLLM_135M
 
 BEGIN, END = "<!-- served-vs-transformers:begin -->", "<!-- served-vs-transformers:end -->"
@@ -258,19 +258,6 @@ def run_shape(
     return streams_rows, prefix_rows
 
 
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    threads = torch.get_num_threads()
-    return f"{model}, {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} threads"
-
-
 def ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.0f} ms"
 
@@ -281,7 +268,7 @@ def section(args: argparse.Namespace, streams: list[StreamsRow], prefix: list[Pr
         BEGIN,
         "## Served vs transformers (`benchmarks/served_vs_transformers.py`)",
         "",
-        f"Measured {datetime.now(UTC):%Y-%m-%d} on {machine()}. Random-weight checkpoints "
+        f"Measured {datetime.now(UTC):%Y-%m-%d} on {describe_machine()}. Random-weight checkpoints "
         f"saved by transformers, word-level tokenizers (every prompt exactly {args.prompt} "
         f"tokens). tgi: `tgi-core serve` ({dtype} dtype) in its own process, loaded over "
         f"HTTP by `tgi-core bench`'s client (OpenAI `/v1/completions`, streamed, greedy, "

@@ -87,6 +87,29 @@ class Comparison:
     reference_tokens: list[list[int]]  # greedy tokens, transformers (teacher-forced on ours)
 
 
+def _load(
+    path: str | Path,
+    dtype: torch.dtype,
+    quantize: str | None,
+    plugin_sections: Any,
+) -> tuple[Any, Any]:
+    """The registry of the installed plugins, and the checkpoint loaded with them."""
+    from tgi_core.model.base import ModelContext
+    from tgi_core.model.loader import load_model
+    from tgi_core.plugins import make_plugin_manager
+    from tgi_core.registry import Registry
+
+    registry = Registry.build(make_plugin_manager())
+    loaded = load_model(
+        str(path),
+        registry,
+        ctx=ModelContext(dtype=dtype),
+        quantize=quantize,
+        plugin_sections=plugin_sections,
+    )
+    return registry, loaded
+
+
 def compare_with_transformers(
     path: str | Path,
     prompts: Sequence[Sequence[int]],
@@ -109,20 +132,9 @@ def compare_with_transformers(
     the transformers model to compare with (by default, ``path``'s); ``quantize`` and
     ``plugin_sections`` are passed to the loader.
     """
-    from tgi_core.model.base import ModelContext
-    from tgi_core.model.loader import load_model
     from tgi_core.model.runner import PagedRunner
-    from tgi_core.plugins import make_plugin_manager
-    from tgi_core.registry import Registry
 
-    registry = Registry.build(make_plugin_manager())
-    loaded = load_model(
-        str(path),
-        registry,
-        ctx=ModelContext(dtype=dtype),
-        quantize=quantize,
-        plugin_sections=plugin_sections,
-    )
+    registry, loaded = _load(path, dtype, quantize, plugin_sections)
     from tgi_core.attention.selection import required_features, select_backend
 
     backend_impl = select_backend(
@@ -260,19 +272,8 @@ def build_engine(
     """
     from tgi_core.engine.engine import Engine, EngineConfig
     from tgi_core.engine.model_runner import ModelRunner
-    from tgi_core.model.base import ModelContext
-    from tgi_core.model.loader import load_model
-    from tgi_core.plugins import make_plugin_manager
-    from tgi_core.registry import Registry
 
-    registry = Registry.build(make_plugin_manager())
-    loaded = load_model(
-        str(path),
-        registry,
-        ctx=ModelContext(dtype=dtype),
-        quantize=quantize,
-        plugin_sections=plugin_sections,
-    )
+    registry, loaded = _load(path, dtype, quantize, plugin_sections)
     if "eos_token_ids" not in config:
         eos = (loaded.checkpoint.generation_config or {}).get("eos_token_id")
         config["eos_token_ids"] = tuple(
