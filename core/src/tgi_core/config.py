@@ -109,8 +109,9 @@ class ServeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     max_batch_total_tokens: Annotated[
         PositiveInt | None,
         _opt(
-            "Most tokens held in the KV cache at once; unset sizes the cache from "
-            "available memory.",
+            "Most tokens held in the KV cache at once; unset: half the memory available "
+            "after loading, but no more than max_concurrent_requests requests of "
+            "max_total_tokens each.",
             "Batching",
         ),
     ] = None

@@ -266,3 +266,13 @@ def test_timing_headers_and_one_log_line_per_request(client) -> None:
     assert line["route"] == "/generate" and line["outcome"] == "ok"
     assert line["generated_tokens"] == 3 and line["finish_reason"] == "length"
     assert line["request_id"] and line["total_ms"] >= line["inference_ms"] >= 0
+
+
+def test_kv_cache_is_no_bigger_than_admitted_requests_can_use(tiny_llama: Path) -> None:
+    """Unset max_batch_total_tokens sizes the cache from memory, but never beyond
+    max_concurrent_requests requests of max_total_tokens (tiny_llama: 256 positions)."""
+    app = build_test_app(str(tiny_llama), max_concurrent_requests="3", dtype="float32")
+    with TestClient(app) as client:
+        info = client.get("/info").json()
+    assert info["max_total_tokens"] == 256
+    assert info["max_batch_total_tokens"] == 3 * 256

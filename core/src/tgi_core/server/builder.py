@@ -143,13 +143,19 @@ def build_state(
 
     layers = [m for m in loaded.model.modules() if isinstance(m, Attention)]
     block_bytes = KVCache.bytes_per_block(layers, config.block_size, backend.kv_cache_dtype(dtype))
+    context = int(getattr(loaded.hf_config, "max_position_embeddings", 0) or 0)
     if config.max_batch_total_tokens is not None:
         num_blocks = -(-config.max_batch_total_tokens // config.block_size)
     else:
         share = _available_memory() * KV_MEMORY_FRACTION / local_ranks
         num_blocks = max(1, int(share // block_bytes))
+        # no more than every admitted request at its longest could hold at once
+        longest = config.max_total_tokens or context
+        if longest:
+            needed = config.max_concurrent_requests * (-(-longest // config.block_size))
+            num_blocks = min(num_blocks, needed)
     capacity = num_blocks * config.block_size
-    context = int(getattr(loaded.hf_config, "max_position_embeddings", capacity) or capacity)
+    context = context or capacity
     max_total = config.max_total_tokens or min(context, capacity)
     if max_total > capacity:
         raise ConfigError(
