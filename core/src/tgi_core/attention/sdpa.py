@@ -191,14 +191,14 @@ class SdpaBackend(AttentionBackend):
         if plan.decode_only:  # the common case: one token per sequence, in order
             assert plan.decodes is not None
             return (
-                self._decodes(layer, q, keys, values, plan.decodes, gqa, plan)
+                self._decodes(layer, q, keys, values, plan.decodes, plan)
                 .to(q.dtype)
                 .flatten(1)
             )
         out = torch.empty(q.shape[0], layer.num_heads, layer.head_dim, dtype=dtype)
         if plan.decodes is not None:
             out[plan.decodes.rows] = self._decodes(
-                layer, q[plan.decodes.rows], keys, values, plan.decodes, gqa, plan
+                layer, q[plan.decodes.rows], keys, values, plan.decodes, plan
             )
         for p in plan.prefills:
             query = q[p.start : p.end].to(dtype).transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
@@ -228,24 +228,26 @@ class SdpaBackend(AttentionBackend):
         keys: torch.Tensor,
         values: torch.Tensor,
         d: _Decodes,
-        gqa: bool,
         plan: _Plan,
     ) -> torch.Tensor:
         """Attention of one query per sequence ``q`` ``[S, H, D]`` -> ``[S, H, D]``, in the
         layer's compute dtype."""
         dtype = self._compute_dtype(layer, keys.dtype)
-        shape = (*d.slots.shape, layer.num_kv_heads, layer.head_dim)
+        kv_heads, group = layer.num_kv_heads, layer.num_heads // layer.num_kv_heads
+        shape = (*d.slots.shape, kv_heads, layer.head_dim)
         key = keys.index_select(0, d.flat_slots).view(shape).to(dtype).transpose(1, 2)
         value = values.index_select(0, d.flat_slots).view(shape).to(dtype).transpose(1, 2)
+        mask = self._decode_mask(layer, d, plan, dtype)
+        # The query heads sharing a key/value head attend as that head's G "query
+        # positions" (no causal mask between them): one [G, L] attention per key/value
+        # head instead of G [1, L] ones, which the CPU kernel runs ~1.5-2x faster.
+        query = q.to(dtype).view(q.shape[0], kv_heads, group, layer.head_dim)
+        if mask is not None and mask.shape[1] != 1:  # a per-head bias [S or 1, H, 1, L]
+            mask = mask.view(mask.shape[0], kv_heads, group, mask.shape[-1])
         attended = F.scaled_dot_product_attention(
-            q.to(dtype).unsqueeze(2),
-            key,
-            value,
-            attn_mask=self._decode_mask(layer, d, plan, dtype),
-            scale=layer.scale,
-            enable_gqa=gqa,
+            query, key, value, attn_mask=mask, scale=layer.scale
         )
-        return attended.squeeze(2)
+        return attended.view(q.shape[0], layer.num_heads, layer.head_dim)
 
     @staticmethod
     def _decode_mask(
