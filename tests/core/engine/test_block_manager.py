@@ -239,3 +239,17 @@ def test_random_traffic_never_leaks(ops, num_blocks, block_size, budget, chunked
     assert finished == set(every)
     assert all(s.status is Status.FINISHED for s in every)
     assert blocks.num_used == 0 and blocks.num_free == num_blocks
+
+
+def test_a_waiting_sequence_does_not_pin_its_cached_prefix() -> None:
+    """Found by hypothesis: without chunking, C matched A's cached prefix, could not be
+    admitted (no room in the step's budget) and kept holding the block; B, ahead of C
+    and preempted, then needed every block of the cache and never ran again."""
+    blocks = BlockManager(6, 1, prefix_caching=True)
+    scheduler = Scheduler(blocks, max_batch_tokens=2, chunked_prefill=False)
+    first, second, third = seq([2, 2, 2, 0], 1), seq([1, 1, 1, 0], 3), seq([2, 2, 2, 0], 1)
+    for s in (first, second, third):
+        scheduler.add(s)
+    done = run_to_completion(scheduler, max_steps=50)
+    assert {id(s) for s in done} == {id(first), id(second), id(third)}
+    assert blocks.num_used == 0

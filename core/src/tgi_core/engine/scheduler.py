@@ -126,16 +126,19 @@ class Scheduler:
                 seq.num_cached_prompt_tokens = self.blocks.match_prefix(seq)
             num_new = seq.num_pending
             encoded = len(seq.encoder_ids) if seq.num_computed == 0 else 0
-            if encoded:
-                # the source is encoded whole in the step that admits it, with the
-                # decoder's prompt; alone in a step, it runs whatever its size
-                if encoded + num_new > budget and plan.chunks:
-                    break
-            elif num_new > budget:
-                if not self.chunked_prefill and plan.chunks:
-                    break  # a whole prompt waits for a step with room for it
-                num_new = budget if self.chunked_prefill else num_new
-            if not self.blocks.allocate(seq, seq.num_computed + num_new):
+            if encoded:  # the source is encoded whole in the step that admits it
+                fits = encoded + num_new <= budget
+            else:
+                if num_new > budget and self.chunked_prefill:
+                    num_new = budget
+                fits = num_new <= budget
+            # alone in a step, a whole prompt (or source) runs whatever its size; otherwise
+            # it waits for a step with room for it
+            if (not fits and plan.chunks) or not self.blocks.allocate(
+                seq, seq.num_computed + num_new
+            ):
+                # a waiting sequence holds no blocks: its matched prefix would pin blocks
+                # that the sequences ahead of it may need (and they could never run)
                 self.blocks.free(seq)
                 break
             self.waiting.popleft()
