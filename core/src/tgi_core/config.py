@@ -72,6 +72,14 @@ class ServeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
             "Model",
         ),
     ] = None
+    compile: Annotated[
+        bool,
+        _opt(
+            "Compile the model's forward with torch.compile (inductor): faster steps "
+            "(docs/benchmarks.md), at the cost of compiling at startup.",
+            "Model",
+        ),
+    ] = False
     tokenizer_config_path: Annotated[
         str | None,
         _opt(
@@ -647,6 +655,11 @@ def _check_relations(config: ServeConfig, sources: Mapping[str, Source]) -> None
                 "at most",
                 "max_batch_total_tokens",
             )
+    if c.compile and c.num_shard > 1:
+        raise ConfigError(
+            f"{show('compile')} is not supported with {show('num_shard')} yet: "
+            "serve a sharded model without compile"
+        )
     if not c.prefill_chunking and c.max_input_tokens is not None:
         require(
             c.max_input_tokens <= c.max_batch_prefill_tokens,

@@ -190,11 +190,7 @@ class SdpaBackend(AttentionBackend):
         dtype = self._compute_dtype(layer, keys.dtype)
         if plan.decode_only:  # the common case: one token per sequence, in order
             assert plan.decodes is not None
-            return (
-                self._decodes(layer, q, keys, values, plan.decodes, plan)
-                .to(q.dtype)
-                .flatten(1)
-            )
+            return self._decodes(layer, q, keys, values, plan.decodes, plan).to(q.dtype).flatten(1)
         out = torch.empty(q.shape[0], layer.num_heads, layer.head_dim, dtype=dtype)
         if plan.decodes is not None:
             out[plan.decodes.rows] = self._decodes(

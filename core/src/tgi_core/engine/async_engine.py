@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,11 +34,18 @@ class _Stream:
 class AsyncEngine:
     """Runs an :class:`Engine` in a background thread."""
 
-    def __init__(self, engine: Engine, *, threads: int | None = None) -> None:
+    def __init__(
+        self, engine: Engine, *, threads: int | None = None, warm_up: bool = False
+    ) -> None:
         """``threads``: torch's intra-op threads in the engine thread (default: leave
-        torch's setting; see :mod:`tgi_core.engine.threads`)."""
+        torch's setting; see :mod:`tgi_core.engine.threads`). ``warm_up``: run
+        :meth:`Engine.warm_up` in the engine thread before serving (a compiled model
+        compiles there, for that thread's threads), and let :meth:`start` wait for it."""
         self.engine = engine
         self.threads = threads
+        self.warm_up = warm_up
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
@@ -46,7 +54,11 @@ class AsyncEngine:
         self._stats = engine.stats()
 
     def start(self) -> None:
+        """Start the engine thread; returns once it serves (after its warm-up)."""
         self._thread.start()
+        self._ready.wait()
+        if self._startup_error is not None:
+            raise self._startup_error
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the thread; requests still in flight get an error event."""
@@ -115,6 +127,16 @@ class AsyncEngine:
             import torch
 
             torch.set_num_threads(self.threads)
+        try:
+            if self.warm_up:
+                started = time.perf_counter()
+                self.engine.warm_up()
+                log.info("model warmed up", seconds=round(time.perf_counter() - started, 1))
+        except BaseException as exc:
+            self._startup_error = exc
+            return
+        finally:
+            self._ready.set()
         while not self._stopping:
             self._drain_commands()
             self._stats = self.engine.stats()

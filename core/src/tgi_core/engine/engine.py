@@ -26,6 +26,7 @@ from tgi_core.engine.requests import (
     FinishReason,
     GenerateRequest,
     PromptToken,
+    StoppingParams,
     TokenEvent,
     TopToken,
 )
@@ -367,6 +368,22 @@ class Engine:
         if self.tokenizer is None:
             return ""
         return self.tokenizer.decode([token], skip_special_tokens=False)  # type: ignore[no-any-return]
+
+    def warm_up(self) -> None:
+        """Run the step shapes a compiled model specializes (several tokens, and one),
+        so that compiling happens before the first request: a request alone, then two
+        together. Their prompts skip the prefix cache; every block is freed after."""
+
+        def request(name: str, length: int) -> GenerateRequest:
+            return GenerateRequest(
+                request_id=f"warm-up-{name}",
+                prompt_token_ids=tuple(range(1, length + 1)),
+                stopping=StoppingParams(max_new_tokens=2, ignore_eos=True),
+                prompt_logprobs=True,
+            )
+
+        self.run([request("alone", 3)])
+        self.run([request("first", 3), request("second", 2)])
 
     def run(
         self, requests: Seq[GenerateRequest], max_steps: int = 100_000

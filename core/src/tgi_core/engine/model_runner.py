@@ -16,6 +16,7 @@ from tgi_core.attention.backend import AttentionBackend
 from tgi_core.attention.batch import ForwardBatch, SequenceChunk
 from tgi_core.attention.kv_cache import KVCache
 from tgi_core.engine.scheduler import ScheduledChunk
+from tgi_core.model.compiled import ModelForward, compile_forward
 from tgi_core.model.layers.attention import Attention
 
 
@@ -45,8 +46,11 @@ class ModelRunner:
         block_size: int,
         model_dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        compile: bool = False,
     ) -> None:
         self.model, self.backend, self.device = model, backend, torch.device(device)
+        #: the model's forward, compiled by inductor with ``compile`` (model/compiled.py)
+        self.forward: ModelForward = compile_forward(model) if compile else model
         layers = [module for module in model.modules() if isinstance(module, Attention)]
         self.kv_cache = KVCache.allocate(
             layers, num_blocks, block_size, backend.kv_cache_dtype(model_dtype), self.device
@@ -75,7 +79,7 @@ class ModelRunner:
             self.device,
         )
         ids = [t for c in chunks for t in c.seq.token_ids[c.num_cached : c.num_cached + c.num_new]]
-        hidden = self.model(
+        hidden = self.forward(
             torch.tensor(ids, dtype=torch.int64, device=self.device), batch.positions, batch
         )
         rows: list[int] = []

@@ -122,6 +122,7 @@ def compare_with_transformers(
     reference: Any = None,
     quantize: str | None = None,
     plugin_sections: Any = None,
+    compile: bool = False,
 ) -> Comparison:
     """Serve ``path`` with the installed plugins and compare with transformers.
 
@@ -130,7 +131,7 @@ def compare_with_transformers(
     together through the paged cache; transformers runs each sequence alone, prompt then
     one token at a time through its own cache, on the tokens we chose. ``reference`` is
     the transformers model to compare with (by default, ``path``'s); ``quantize`` and
-    ``plugin_sections`` are passed to the loader.
+    ``plugin_sections`` are passed to the loader; ``compile`` runs the model compiled.
     """
     from tgi_core.model.runner import PagedRunner
 
@@ -143,7 +144,12 @@ def compare_with_transformers(
     longest = max(len(p) for p in prompts) + decode_steps
     num_blocks = len(prompts) * (-(-longest // block_size) + 1)
     runner = PagedRunner(
-        loaded.model, backend_impl, num_blocks=num_blocks, block_size=block_size, model_dtype=dtype
+        loaded.model,
+        backend_impl,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        model_dtype=dtype,
+        compile=compile,
     )
     ids = [runner.add(prompt) for prompt in prompts]
     prompt_logits: list[list[torch.Tensor]] = [[] for _ in ids]
@@ -262,13 +268,14 @@ def build_engine(
     tokenizer: Any = None,
     quantize: str | None = None,
     plugin_sections: Any = None,
+    compile: bool = False,
     **config: Any,
 ) -> Any:
     """An :class:`~tgi_core.engine.engine.Engine` over a checkpoint (tests, benchmarks).
 
     ``config`` holds ``EngineConfig`` fields; ``eos_token_ids`` defaults to the
     checkpoint's generation config. ``quantize`` and ``plugin_sections`` are passed to
-    the loader.
+    the loader; ``compile`` runs the model compiled.
     """
     from tgi_core.engine.engine import Engine, EngineConfig
     from tgi_core.engine.model_runner import ModelRunner
@@ -286,5 +293,6 @@ def build_engine(
         num_blocks=engine_config.num_blocks,
         block_size=engine_config.block_size,
         model_dtype=dtype,
+        compile=compile,
     )
     return Engine(runner, engine_config, tokenizer)

@@ -17,6 +17,7 @@ from torch import nn
 from tgi_core.attention.backend import AttentionBackend
 from tgi_core.attention.batch import ForwardBatch, SequenceChunk
 from tgi_core.attention.kv_cache import KVCache
+from tgi_core.model.compiled import ModelForward, compile_forward
 from tgi_core.model.layers.attention import Attention
 
 
@@ -40,8 +41,11 @@ class PagedRunner:
         block_size: int = 16,
         model_dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        compile: bool = False,
     ) -> None:
         self.model, self.backend, self.device = model, backend, torch.device(device)
+        #: the model's forward, compiled by inductor with ``compile`` (model/compiled.py)
+        self.forward: ModelForward = compile_forward(model) if compile else model
         layers = [module for module in model.modules() if isinstance(module, Attention)]
         self.kv_cache = KVCache.allocate(
             layers, num_blocks, block_size, backend.kv_cache_dtype(model_dtype), self.device
@@ -103,7 +107,7 @@ class PagedRunner:
             input_ids.extend(pending)
         batch = ForwardBatch.build(chunks, self.kv_cache, self.backend, self.device)
         ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
-        hidden = self.model(ids, batch.positions, batch)
+        hidden = self.forward(ids, batch.positions, batch)
         rows = torch.arange(batch.num_tokens) if all_logits else batch.last_token_indices()
         logits = self.model.compute_logits(hidden[rows]).float()  # type: ignore[operator]
         for seq_id, chunk in zip(seq_ids, chunks, strict=True):

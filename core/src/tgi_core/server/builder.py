@@ -169,7 +169,7 @@ def build_state(
         "model_dtype": dtype,
     }
     runner = (
-        ModelRunner(loaded.model, backend, **runner_args)
+        ModelRunner(loaded.model, backend, compile=config.compile, **runner_args)
         if shards is None
         else shards.build_runner(loaded.model, backend, attention=backend_spec.name, **runner_args)
     )
@@ -220,7 +220,7 @@ def build_state(
         {"name": p.name, "distribution": p.distribution, "version": p.version}
         for p in registry.plugins
     ]
-    async_engine = AsyncEngine(engine, threads=engine_threads)
+    async_engine = AsyncEngine(engine, threads=engine_threads, warm_up=config.compile)
     metrics = ServerMetrics(
         lambda: async_engine.stats,
         max_input_tokens=max_input,

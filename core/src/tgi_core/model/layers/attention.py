@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
+from tgi_core.model.layers import opaque
+
 if TYPE_CHECKING:
     from tgi_core.attention.batch import ForwardBatch
     from tgi_core.model.layers.relative_position import RelativePositionBias
@@ -52,6 +54,8 @@ class Attention(nn.Module):
         #: this layer's index in the KV cache; set when the cache is allocated (encoder
         #: layers have no cache and keep -1).
         self.layer_index = -1
+        #: this layer's key for the ``tgi::attention`` op of a compiled model (-1: none)
+        self.compile_key = -1
 
     @property
     def cached(self) -> bool:
@@ -74,6 +78,8 @@ class Attention(nn.Module):
         """``q`` ``[T, H, D]``, ``k``/``v`` ``[T, Hkv, D]`` -> ``[T, H * D]``. An encoder
         layer's tensors are the step's packed encoder tokens; a cross layer takes no
         ``k``/``v`` (they are in the cache)."""
+        if torch.compiler.is_compiling():  # opaque to inductor (model/compiled.py)
+            return opaque.attention(q, k, v, self.compile_key)
         return batch.backend.forward(self, q, k, v, batch)
 
     def extra_repr(self) -> str:

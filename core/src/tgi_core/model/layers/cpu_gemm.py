@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from tgi_core.model.layers import opaque
+
 #: Set to ``0`` to keep plain ``F.linear`` (for comparisons and debugging).
 ENV_SWITCH = "TGI_CPU_PACKED_GEMM"
 
@@ -58,6 +60,8 @@ def packed_linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for a packed ``W``; ``x`` is cast to bf16 and back if needed."""
     if x.dtype == torch.bfloat16:
+        if torch.compiler.is_compiling():  # opaque to inductor (model/compiled.py)
+            return opaque.packed_linear(x, packed, bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     out = torch.ops.mkldnn._linear_pointwise(
         x.to(torch.bfloat16), packed, None if bias is None else bias.bfloat16(), "none", [], ""

@@ -59,13 +59,14 @@ class UnquantizedLinearMethod:
         layer.add_weight("weight", shape, dtype)
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if layer.weight.is_mkldnn:
+        if layer.weight_packed:  # not weight.is_mkldnn: a compiled graph cannot see it
             return cpu_gemm.packed_linear(x, layer.weight, bias)
         return F.linear(x, layer.weight, bias)
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         if cpu_gemm.can_pack(layer.weight):
             layer.weight = nn.Parameter(cpu_gemm.pack(layer.weight), requires_grad=False)
+            layer.weight_packed = True
 
 
 class _UnboundLinearMethod:
@@ -185,6 +186,8 @@ class LinearBase(nn.Module):
         self.output_size_per_partition = output_size_per_partition
         #: the model's dtype: the bias's and, unless the method says otherwise, the weight's
         self.params_dtype = dtype or torch.get_default_dtype()
+        #: the weight is oneDNN-packed (``cpu_gemm``); set by the unquantized method
+        self.weight_packed = False
         self.method: LinearMethod = _UNBOUND
         if method is not None or not _deferring.get():
             self.bind_method(method or UnquantizedLinearMethod())
