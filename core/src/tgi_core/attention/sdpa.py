@@ -3,8 +3,10 @@
 Per step, ``prepare`` splits the sequences in two groups and builds their index tensors
 once for every layer:
 
-- decode sequences (one new token each) are attended together in one batched SDPA
-  call: their keys are gathered from the cache into ``[S, max_len]`` (padding masked);
+- decode sequences (one new token each) are attended together: in place from a bf16
+  cache by the native kernel (``attention/native.py``) when the layer has no position
+  bias or window; otherwise in one batched SDPA call, their keys gathered from the cache
+  into ``[S, max_len]`` (padding masked);
 - prefill sequences (a prompt or a chunk of one) are attended one by one: a fresh prompt
   uses its own new keys with a causal mask; a chunk that continues a cached prefix
   gathers its past from the cache.
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 
 from tgi_core.attention.backend import AttentionBackend
 from tgi_core.attention.batch import ForwardBatch, slots_for
+from tgi_core.attention.native import paged_decode, paged_decode_available
 from tgi_core.model.base import cpu_has_native_bf16
 from tgi_core.model.layers.attention import Attention
 
@@ -46,6 +49,9 @@ class _Decodes:
     valid: torch.Tensor  # [S, L] bool: position exists
     key_pos: torch.Tensor  # [L] float positions, for ALiBi
     query_pos: torch.Tensor  # [S] position of each decode token
+    block_tables: torch.Tensor  # [S, max_blocks] each sequence's blocks (padded with 0)
+    lengths: torch.Tensor  # [S] positions each sequence attends to
+    block_size: int
 
 
 @dataclass
@@ -120,6 +126,11 @@ class SdpaBackend(AttentionBackend):
                     slots_for(chunk.block_table, 0, chunk.seq_len, batch.block_size)
                 )
             lengths = torch.tensor([chunk.seq_len for chunk in chunks])
+            blocks = -(-max_len // batch.block_size)
+            tables = torch.zeros(len(chunks), blocks, dtype=torch.int64)
+            for row, chunk in enumerate(chunks):
+                used = -(-chunk.seq_len // batch.block_size)
+                tables[row, :used] = torch.tensor(chunk.block_table[:used])
             decodes = _Decodes(
                 rows=torch.tensor([batch.query_start[i] for i in decode_ids]),
                 slots=slots,
@@ -128,6 +139,9 @@ class SdpaBackend(AttentionBackend):
                 valid=torch.arange(max_len)[None, :] < lengths[:, None],
                 key_pos=torch.arange(max_len, dtype=torch.float32),
                 query_pos=lengths - 1,
+                block_tables=tables,
+                lengths=lengths,
+                block_size=batch.block_size,
             )
         prefills = []
         for index, chunk in enumerate(batch.chunks):
@@ -229,6 +243,18 @@ class SdpaBackend(AttentionBackend):
         """Attention of one query per sequence ``q`` ``[S, H, D]`` -> ``[S, H, D]``, in the
         layer's compute dtype."""
         dtype = self._compute_dtype(layer, keys.dtype)
+        plain = (
+            layer.alibi_slopes is None
+            and layer.position_bias is None
+            and layer.sliding_window is None
+        )
+        if plain and dtype == keys.dtype == torch.bfloat16 and paged_decode_available():
+            # in place from the paged cache, no gathered copy (attention/native.py); a
+            # float32 cache keeps SDPA, whose sums match transformers' to the last bits
+            # (a quantized layer computing in bf16 inside amplifies any other order)
+            return paged_decode(
+                q.to(dtype), keys, values, d.block_tables, d.lengths, d.block_size, layer.scale
+            )
         kv_heads, group = layer.num_kv_heads, layer.num_heads // layer.num_kv_heads
         shape = (*d.slots.shape, kv_heads, layer.head_dim)
         key = keys.index_select(0, d.flat_slots).view(shape).to(dtype).transpose(1, 2)

@@ -1,0 +1,257 @@
+// Paged decode attention on CPU: one query token per sequence over its cached keys and
+// values, read in place from the paged cache (no gathered copy).
+//
+// Built at first use by tgi_core/attention/native.py (g++ -O3 -march=native -fopenmp)
+// and called through ctypes, which releases the GIL. Layouts: q and out [S, H, D]; each
+// cache [slots, Hkv, D] (slot = block * block_size + offset); block_tables [S,
+// max_blocks]; seq_lens [S]. The query heads h * G .. h * G + G - 1 share key/value head
+// h (G = H / Hkv). Scores and sums in float32; bf16 out rounded to nearest even. No
+// masks, windows or position biases: the caller keeps those on its general path.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include <omp.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t x) {
+  uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+// exp(x) for x <= 0 (scores minus their max), vectorizable: 2^n * e^r with |r| <= ln2/2
+// and Cephes' polynomial for e^r (about 1 ulp); under -87 it returns ~0, as expf does.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Dot = true;
+constexpr int64_t kAhead = 8;  // positions prefetched ahead
+// q . k of two bf16 vectors (D a multiple of 32): exact products, float32 sums
+inline float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t D) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32)
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + d),
+                           (__m512bh)_mm512_loadu_si512(b + d));
+  return _mm512_reduce_add_ps(acc);
+}
+
+inline __m512 load_bf16(const uint16_t* x) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)x)), 16));
+}
+
+// out[g] = sum_l p[g * len + l] * v_l (value head h) for GT query heads, accumulators in
+// registers; v_l read from the cache once for the GT heads
+template <int64_t D, int GT>
+void weighted_values(const uint16_t* v_cache, const int64_t* table, int64_t len,
+                     int64_t block_size, int64_t stride, const float* p, float* out) {
+  __m512 acc[GT][D / 16];
+  for (int g = 0; g < GT; ++g)
+    for (int c = 0; c < D / 16; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t l = 0; l < len; ++l) {
+    const uint16_t* v = v_cache + (table[l / block_size] * block_size + l % block_size) * stride;
+    if (l + kAhead < len) {
+      const int64_t next = l + kAhead;
+      const char* ahead = reinterpret_cast<const char*>(
+          v_cache + (table[next / block_size] * block_size + next % block_size) * stride);
+      for (int64_t byte = 0; byte < D * 2; byte += 64) _mm_prefetch(ahead + byte, _MM_HINT_T0);
+    }
+    __m512 row[D / 16];
+    for (int c = 0; c < D / 16; ++c) row[c] = load_bf16(v + 16 * c);
+    for (int g = 0; g < GT; ++g) {
+      const __m512 weight = _mm512_set1_ps(p[g * len + l]);
+      for (int c = 0; c < D / 16; ++c) acc[g][c] = _mm512_fmadd_ps(weight, row[c], acc[g][c]);
+    }
+  }
+  for (int g = 0; g < GT; ++g)
+    for (int c = 0; c < D / 16; ++c) _mm512_storeu_ps(out + g * D + 16 * c, acc[g][c]);
+}
+
+template <int64_t D>
+void weighted_values_any(const uint16_t* v_cache, const int64_t* table, int64_t len,
+                         int64_t block_size, int64_t stride, const float* p, float* out,
+                         int64_t count) {
+  constexpr int kTile = D <= 64 ? 4 : 2;  // accumulators that fit the 32 registers
+  for (int64_t g = 0; g < count; g += kTile) {
+    const int64_t n = std::min<int64_t>(kTile, count - g);
+    const float* pg = p + g * len;
+    float* og = out + g * D;
+    if (n == 4) weighted_values<D, 4>(v_cache, table, len, block_size, stride, pg, og);
+    else if (n == 3) weighted_values<D, 3>(v_cache, table, len, block_size, stride, pg, og);
+    else if (n == 2) weighted_values<D, 2>(v_cache, table, len, block_size, stride, pg, og);
+    else weighted_values<D, 1>(v_cache, table, len, block_size, stride, pg, og);
+  }
+}
+#else
+constexpr bool kBf16Dot = false;
+inline float dot_bf16(const uint16_t*, const uint16_t*, int64_t) { return 0.f; }
+#endif
+
+inline void from_float(float x, float* out) { *out = x; }
+inline void from_float(float x, uint16_t* out) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    *out = 0x7fc0;  // NaN
+    return;
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
+  *out = static_cast<uint16_t>(bits >> 16);
+}
+
+// One work item: sequence s, key/value heads [h0, h1), all their query heads.
+template <typename T, int64_t FixedD>
+void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t len,
+            T* out, int64_t H, int64_t Hkv, int64_t AnyD, int64_t block_size, float scale,
+            int64_t h0, int64_t h1, float* qf, float* scores, float* acc, float* row,
+            float* inv_total) {
+  const int64_t D = FixedD ? FixedD : AnyD;
+  const int64_t G = H / Hkv, heads = h1 - h0, width = heads * D;
+  const int64_t stride = Hkv * D;  // elements between consecutive positions in the cache
+  for (int64_t i = 0; i < heads * G * D; ++i) qf[i] = to_float(q[h0 * G * D + i]) * scale;
+  if constexpr (std::is_same_v<T, uint16_t> && kBf16Dot) {
+    if (D % 32 == 0) {  // bf16 dot products straight from the cache (AVX-512 BF16)
+      for (int64_t l = 0; l < len; ++l) {
+        const T* k =
+            k_cache + (table[l / block_size] * block_size + l % block_size) * stride + h0 * D;
+        if (l + kAhead < len) {  // the cache's blocks are scattered: fetch ahead
+          const int64_t next = l + kAhead;
+          const char* ahead = reinterpret_cast<const char*>(
+              k_cache + (table[next / block_size] * block_size + next % block_size) * stride +
+              h0 * D);
+          for (int64_t byte = 0; byte < heads * D * 2; byte += 64)
+            _mm_prefetch(ahead + byte, _MM_HINT_T0);
+        }
+        for (int64_t h = 0; h < heads; ++h)
+          for (int64_t g = 0; g < G; ++g)
+            scores[(h * G + g) * len + l] =
+                dot_bf16(q + (h0 * G + h * G + g) * D, k + h * D, D) * scale;
+      }
+      goto softmax;
+    }
+  }
+  for (int64_t l = 0; l < len; ++l) {
+    const T* k = k_cache + (table[l / block_size] * block_size + l % block_size) * stride + h0 * D;
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) row[i] = to_float(k[i]);
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qf + (h * G + g) * D;
+        const float* kh = row + h * D;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += qg[d] * kh[d];
+        scores[(h * G + g) * len + l] = dot;
+      }
+  }
+softmax:
+  for (int64_t j = 0; j < heads * G; ++j) {
+    float* sc = scores + j * len;
+    float m = sc[0];
+#pragma omp simd reduction(max : m)
+    for (int64_t l = 1; l < len; ++l) m = std::max(m, sc[l]);
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t l = 0; l < len; ++l) {
+      sc[l] = exp_nonpositive(sc[l] - m);
+      total += sc[l];
+    }
+    inv_total[j] = 1.f / total;  // applied to the weighted sum
+  }
+  if constexpr (std::is_same_v<T, uint16_t> && kBf16Dot && (FixedD == 64 || FixedD == 128)) {
+    for (int64_t h = 0; h < heads; ++h)
+      weighted_values_any<FixedD>(v_cache + (h0 + h) * D, table, len, block_size, stride,
+                                  scores + h * G * len, acc + h * G * D, G);
+    goto normalize;
+  }
+  std::fill(acc, acc + heads * G * D, 0.f);
+  for (int64_t l = 0; l < len; ++l) {
+    const T* v = v_cache + (table[l / block_size] * block_size + l % block_size) * stride + h0 * D;
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) row[i] = to_float(v[i]);
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t g = 0; g < G; ++g) {
+        const float p = scores[(h * G + g) * len + l];
+        float* a = acc + (h * G + g) * D;
+        const float* vh = row + h * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) a[d] += p * vh[d];
+      }
+  }
+normalize:
+  for (int64_t j = 0; j < heads * G; ++j)
+    for (int64_t d = 0; d < D; ++d)
+      from_float(acc[j * D + d] * inv_total[j], out + (h0 * G + j) * D + d);
+}
+
+template <typename T, int64_t FixedD>
+void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
+            const int64_t* seq_lens, T* out, int64_t S, int64_t H, int64_t Hkv, int64_t D,
+            int64_t block_size, int64_t max_blocks, float scale) {
+  int64_t max_len = 1;
+  for (int64_t s = 0; s < S; ++s) max_len = std::max(max_len, seq_lens[s]);
+  // whole sequences (every head reads each cached row once, in order) when there are
+  // enough of them to share among the threads; one key/value head per item otherwise
+  const int64_t split = S >= 2 * omp_get_max_threads() ? 1 : Hkv;
+  const int64_t heads = Hkv / split;
+#pragma omp parallel
+  {
+    std::vector<float> qf(H * D), scores(H * max_len), acc(H * D), row(Hkv * D), inv(H);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < S * split; ++item) {
+      const int64_t s = item / split, h0 = (item % split) * heads;
+      attend<T, FixedD>(q + s * H * D, k_cache, v_cache, block_tables + s * max_blocks,
+                        seq_lens[s], out + s * H * D, H, Hkv, D, block_size, scale, h0,
+                        h0 + heads, qf.data(), scores.data(), acc.data(), row.data(), inv.data());
+    }
+  }
+}
+
+template <typename T>
+void dispatch(const T* q, const T* k, const T* v, const int64_t* tables, const int64_t* lens,
+              T* out, int64_t S, int64_t H, int64_t Hkv, int64_t D, int64_t block_size,
+              int64_t max_blocks, float scale) {
+  if (D == 64) return decode<T, 64>(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale);
+  if (D == 128) return decode<T, 128>(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale);
+  decode<T, 0>(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale);
+}
+
+}  // namespace
+
+extern "C" {
+void tgi_paged_decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v,
+                           const int64_t* tables, const int64_t* lens, uint16_t* out, int64_t S,
+                           int64_t H, int64_t Hkv, int64_t D, int64_t block_size,
+                           int64_t max_blocks, float scale) {
+  dispatch(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale);
+}
+void tgi_paged_decode_f32(const float* q, const float* k, const float* v, const int64_t* tables,
+                          const int64_t* lens, float* out, int64_t S, int64_t H, int64_t Hkv,
+                          int64_t D, int64_t block_size, int64_t max_blocks, float scale) {
+  dispatch(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale);
+}
+}

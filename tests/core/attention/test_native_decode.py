@@ -1,0 +1,108 @@
+"""The CPU paged decode-attention kernel against attention computed plainly in float64.
+
+Random block tables (blocks scattered through the cache), lengths from one position to
+several blocks, grouped-query layouts from MHA to 7 query heads per key/value head, and
+head sizes with a specialized path (64, 128) and without one (80).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tgi_core.attention import native
+from tgi_core.attention.native import paged_decode, paged_decode_available
+
+pytestmark = pytest.mark.skipif(
+    not paged_decode_available(), reason="no C++ compiler to build the kernel"
+)
+
+
+def reference(q, keys, values, tables, lengths, block_size, scale) -> torch.Tensor:
+    heads, kv_heads = q.shape[1], keys.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for s, length in enumerate(lengths.tolist()):
+        positions = torch.arange(length)
+        slots = tables[s, positions // block_size] * block_size + positions % block_size
+        k = keys[slots].double().repeat_interleave(heads // kv_heads, dim=1)  # [L, H, D]
+        v = values[slots].double().repeat_interleave(heads // kv_heads, dim=1)
+        weights = torch.softmax(torch.einsum("hd,lhd->hl", q[s].double(), k) * scale, dim=-1)
+        out[s] = torch.einsum("hl,lhd->hd", weights, v)
+    return out
+
+
+def scenario(seed, *, heads, kv_heads, head_dim, block_size, lengths, dtype):
+    generator = torch.Generator().manual_seed(seed)
+    blocks_each = max(-(-n // block_size) for n in lengths)
+    num_blocks = len(lengths) * blocks_each + 5
+    order = torch.randperm(num_blocks, generator=generator)
+    tables = order[: len(lengths) * blocks_each].view(len(lengths), blocks_each).contiguous()
+    shape = (num_blocks * block_size, kv_heads, head_dim)
+    keys = torch.randn(shape, generator=generator).to(dtype)
+    values = torch.randn(shape, generator=generator).to(dtype)
+    q = torch.randn(len(lengths), heads, head_dim, generator=generator).to(dtype)
+    return q, keys, values, tables, torch.tensor(lengths, dtype=torch.int64)
+
+
+CASES = {
+    "smollm-like (3 per group, 64)": dict(heads=9, kv_heads=3, head_dim=64, block_size=16),
+    "qwen-like (7 per group, 64)": dict(heads=14, kv_heads=2, head_dim=64, block_size=16),
+    "mha, 128": dict(heads=4, kv_heads=4, head_dim=128, block_size=4),
+    "mqa, 80 (no specialized path)": dict(heads=6, kv_heads=1, head_dim=80, block_size=3),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("lengths", [[1, 17, 40, 5, 33], [29]])
+def test_kernel_matches_plain_attention(case, dtype, lengths) -> None:
+    """float32: 1e-5 (float32 sums in another order); bfloat16: the output's rounding
+    (2^-8 relative, on values of magnitude ~1) plus the score products' (exact in
+    float32 from bf16 inputs), so 1.5e-2."""
+    layout = CASES[case]
+    q, keys, values, tables, lengths_t = scenario(0, lengths=lengths, dtype=dtype, **layout)
+    scale = layout["head_dim"] ** -0.5
+    got = paged_decode(q, keys, values, tables, lengths_t, layout["block_size"], scale)
+    expected = reference(q, keys, values, tables, lengths_t, layout["block_size"], scale)
+    assert got.dtype == dtype and got.shape == q.shape
+    tolerance = 1e-5 if dtype == torch.float32 else 1.5e-2
+    assert (got.double() - expected).abs().max().item() <= tolerance
+
+
+def test_kernel_uses_only_each_sequences_own_positions() -> None:
+    """Garbage (NaN) in every slot a sequence does not own never reaches its output."""
+    q, keys, values, tables, lengths = scenario(
+        1, heads=9, kv_heads=3, head_dim=64, block_size=4, lengths=[6, 3], dtype=torch.bfloat16
+    )
+    owned = torch.zeros(keys.shape[0], dtype=torch.bool)
+    for s, length in enumerate(lengths.tolist()):
+        positions = torch.arange(length)
+        owned[tables[s, positions // 4] * 4 + positions % 4] = True
+    keys[~owned], values[~owned] = float("nan"), float("nan")
+    out = paged_decode(q, keys, values, tables, lengths, 4, 0.125)
+    assert torch.isfinite(out).all()
+
+
+def test_kernel_refuses_mismatched_dtypes() -> None:
+    q, keys, values, tables, lengths = scenario(
+        2, heads=2, kv_heads=1, head_dim=64, block_size=4, lengths=[3], dtype=torch.float32
+    )
+    with pytest.raises(TypeError):
+        paged_decode(q.bfloat16(), keys, values, tables, lengths, 4, 0.125)
+
+
+@pytest.mark.parametrize("setting", ["no compiler", "switched off"])
+def test_without_the_kernel_it_is_unavailable(monkeypatch, tmp_path, setting) -> None:
+    """Then the sdpa backend keeps its gather + SDPA path (what ALiBi layers use)."""
+    if setting == "no compiler":
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+        monkeypatch.setenv("TGI_KERNEL_CACHE", str(tmp_path / "cache"))
+    else:
+        monkeypatch.setenv(native.ENV_SWITCH, "0")
+    native._library.cache_clear()
+    try:
+        assert not paged_decode_available()
+    finally:
+        monkeypatch.undo()
+        native._library.cache_clear()
+    assert paged_decode_available()
