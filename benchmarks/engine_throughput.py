@@ -3,7 +3,8 @@
 Same process, same random-weight SmolLM-135M-shaped checkpoint, same prompts, same
 dtype (the default dtype of this machine): 64 requests of 128 prompt tokens and 128
 new tokens, greedy, EOS ignored. The engine gets all 64 at once (continuous batching
-over the paged cache); transformers runs ``generate`` with a static batch of 32, twice.
+over the paged cache), eager and with ``compile`` (warmed up, untimed, first);
+transformers runs ``generate`` with a static batch of 32, twice.
 
     python benchmarks/engine_throughput.py [--requests 64] [--write docs/benchmarks.md]
 """
@@ -45,7 +46,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = save_checkpoint(Path(folder) / "smollm", LlamaConfig(**SMOLLM))
         blocks = args.requests * (-(-(args.prompt + args.new) // 16) + 1)
-        engine = build_engine(path, dtype=dtype, num_blocks=blocks, block_size=16)
         requests = [
             GenerateRequest(
                 request_id=f"r{i}",
@@ -54,11 +54,19 @@ def main() -> None:
             )
             for i, p in enumerate(prompts)
         ]
-        start = time.perf_counter()
-        streams = engine.run(requests)
-        ours = time.perf_counter() - start
-        generated = sum(len(events) for events in streams.values())
-        print(f"tgi engine: {generated} tokens in {ours:.1f} s", flush=True)
+        runs: dict[str, tuple[int, float]] = {}
+        for compile in (False, True):
+            engine = build_engine(
+                path, dtype=dtype, num_blocks=blocks, block_size=16, compile=compile
+            )
+            engine.warm_up()
+            start = time.perf_counter()
+            streams = engine.run(requests)
+            seconds = time.perf_counter() - start
+            generated = sum(len(events) for events in streams.values())
+            label = "tgi engine --compile" if compile else "tgi engine"
+            runs[label] = (generated, seconds)
+            print(f"{label}: {generated} tokens in {seconds:.1f} s", flush=True)
         model = load_reference(path, dtype)
         model.config._attn_implementation = "sdpa"
         start = time.perf_counter()
@@ -86,13 +94,17 @@ def main() -> None:
         f"{torch.get_num_threads()} threads: {args.requests} requests of {args.prompt} prompt "
         f"tokens and {args.new} new tokens, greedy, on the SmolLM-135M-shaped checkpoint. "
         f"tgi: all requests submitted at once to the engine (paged cache, block size 16, "
-        f"4096-token step budget). transformers: `generate` with a static batch of "
-        f"{args.static_batch}, sdpa attention. Same process, same prompts.",
+        f"4096-token step budget), eager and with `--compile` (after a warm-up). "
+        f"transformers: `generate` with a static batch of {args.static_batch}, sdpa "
+        "attention. Same process, same prompts.",
         "",
         "| system | generated tokens | seconds | tokens/s | vs transformers |",
         "|---|---|---|---|---|",
-        f"| tgi engine | {generated} | {ours:.1f} | {generated / ours:.1f} | "
-        f"{(generated / ours) / (theirs_tokens / theirs):.2f}x |",
+        *(
+            f"| {label} | {generated} | {seconds:.1f} | {generated / seconds:.1f} | "
+            f"{(generated / seconds) / (theirs_tokens / theirs):.2f}x |"
+            for label, (generated, seconds) in runs.items()
+        ),
         f"| transformers generate | {theirs_tokens} | {theirs:.1f} | "
         f"{theirs_tokens / theirs:.1f} | 1.00x |",
         END,

@@ -9,6 +9,9 @@ in the same dtype, alternating, and the median of the repeats is reported:
 - prefill: one 512-token prompt (transformers computes only the last logits, as
   ``generate`` does; so do we).
 
+Ours runs twice: eager, and with ``--compile`` (the forward through torch.compile; its
+compiling happens in the untimed warm-up run).
+
     python benchmarks/model_step.py [--dtype bfloat16 float32] [--write docs/benchmarks.md]
 """
 
@@ -37,13 +40,16 @@ SMOLLM = dict(SMOLLM_135M)
 BEGIN, END = "<!-- model-step:begin -->", "<!-- model-step:end -->"
 
 
-def ours_decode(model, backend, dtype, batch: int, context: int, steps: int) -> float:
+def ours_decode(
+    model, backend, dtype, batch: int, context: int, steps: int, compile: bool
+) -> float:
     runner = PagedRunner(
         model,
         backend,
         num_blocks=batch * ((context + steps) // 16 + 2),
         block_size=16,
         model_dtype=dtype,
+        compile=compile,
     )
     ids = [runner.add(torch.randint(0, 49152, (context,)).tolist()) for _ in range(batch)]
     for seq_id in ids:  # prefill one by one (not timed)
@@ -71,9 +77,14 @@ def hf_decode(model, batch: int, context: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def ours_prefill(model, backend, dtype, length: int) -> float:
+def ours_prefill(model, backend, dtype, length: int, compile: bool) -> float:
     runner = PagedRunner(
-        model, backend, num_blocks=length // 16 + 2, block_size=16, model_dtype=dtype
+        model,
+        backend,
+        num_blocks=length // 16 + 2,
+        block_size=16,
+        model_dtype=dtype,
+        compile=compile,
     )
     seq = runner.add(torch.randint(0, 49152, (length,)).tolist())
     start = time.perf_counter()
@@ -89,9 +100,12 @@ def hf_prefill(model, length: int) -> float:
     return time.perf_counter() - start
 
 
+Row = tuple[str, float, float, float]  # step, ours eager, ours compiled, transformers
+
+
 def measure(
     path: Path, dtype_name: str, batches: list[int], context: int, steps: int, repeats: int
-) -> list[tuple[str, float, float]]:
+) -> list[Row]:
     dtype = DTYPES[dtype_name]
     registry = Registry.build(make_plugin_manager())
     ours = load_model(str(path), registry, ctx=ModelContext(dtype=dtype)).model
@@ -101,7 +115,7 @@ def measure(
     cases = [
         (
             f"decode, batch {b}",
-            lambda b=b: ours_decode(ours, backend, dtype, b, context, steps),
+            lambda compile, b=b: ours_decode(ours, backend, dtype, b, context, steps, compile),
             lambda b=b: hf_decode(theirs, b, context, steps),
         )
         for b in batches
@@ -109,27 +123,37 @@ def measure(
     cases.append(
         (
             "prefill, 512 tokens",
-            lambda: ours_prefill(ours, backend, dtype, 512),
+            lambda compile: ours_prefill(ours, backend, dtype, 512, compile),
             lambda: hf_prefill(theirs, 512),
         )
     )
-    rows = []
+    rows: list[Row] = []
     for name, run_ours, run_theirs in cases:
-        run_ours(), run_theirs()  # warm-up
-        ours_times, their_times = [], []
+        run_ours(False), run_ours(True), run_theirs()  # warm-up (and compiling)
+        eager, compiled, their_times = [], [], []
         for _ in range(repeats):
-            ours_times.append(run_ours())
+            eager.append(run_ours(False))
+            compiled.append(run_ours(True))
             their_times.append(run_theirs())
-        rows.append((name, statistics.median(ours_times), statistics.median(their_times)))
+        rows.append(
+            (
+                name,
+                statistics.median(eager),
+                statistics.median(compiled),
+                statistics.median(their_times),
+            )
+        )
+        ours_ms, compiled_ms, theirs_ms = (t * 1000 for t in rows[-1][1:])
         print(
-            f"{dtype_name:9} {name:20} ours {rows[-1][1] * 1000:8.1f} ms   transformers "
-            f"{rows[-1][2] * 1000:8.1f} ms   ratio {rows[-1][1] / rows[-1][2]:.2f}",
+            f"{dtype_name:9} {name:20} ours {ours_ms:8.1f} ms   compiled {compiled_ms:8.1f} ms"
+            f"   transformers {theirs_ms:8.1f} ms   ratios {ours_ms / theirs_ms:.2f} "
+            f"{compiled_ms / theirs_ms:.2f}",
             flush=True,
         )
     return rows
 
 
-def table(results: dict[str, list[tuple[str, float, float]]], args: argparse.Namespace) -> str:
+def table(results: dict[str, list[Row]], args: argparse.Namespace) -> str:
     lines = [
         BEGIN,
         "## One model step (`benchmarks/model_step.py`)",
@@ -139,17 +163,19 @@ def table(results: dict[str, list[tuple[str, float, float]]], args: argparse.Nam
         "layers, 9 heads, 3 KV heads, vocab 49152, tied; random weights). Decode: one token "
         f"for each of B sequences holding {args.context} tokens, mean of {args.steps} "
         f"consecutive steps; median of {args.repeats} alternating runs. tgi: tgi-llama over "
-        "the paged cache (sdpa backend, block size 16); transformers: its forward with its "
-        "own DynamicCache and sdpa attention. Reproduce with `make bench`.",
+        "the paged cache (sdpa backend, block size 16), eager and with `--compile`; "
+        "transformers: its forward with its own DynamicCache and sdpa attention. Reproduce "
+        "with `make bench`.",
         "",
-        "| dtype | step | tgi | transformers | tgi / transformers |",
-        "|---|---|---|---|---|",
+        "| dtype | step | tgi | tgi --compile | transformers | tgi / transformers | "
+        "tgi --compile / transformers |",
+        "|---|---|---|---|---|---|---|",
     ]
     for dtype_name, rows in results.items():
-        for name, ours, theirs in rows:
+        for name, ours, compiled, theirs in rows:
             lines.append(
-                f"| {dtype_name} | {name} | {ours * 1000:.1f} ms | "
-                f"{theirs * 1000:.1f} ms | {ours / theirs:.2f} |"
+                f"| {dtype_name} | {name} | {ours * 1000:.1f} ms | {compiled * 1000:.1f} ms | "
+                f"{theirs * 1000:.1f} ms | {ours / theirs:.2f} | {compiled / theirs:.2f} |"
             )
     lines.append(END)
     return "\n".join(lines)

@@ -185,6 +185,8 @@ def run_shape(
     train_word_level_tokenizer(checkpoint, shape["vocab_size"])
     maker = TokenizerPrompts.load(checkpoint)
     server_flags = ["--dtype", args.server_dtype] if args.server_dtype else []
+    if args.compile:
+        server_flags.append("--compile")
     longest = max(args.prompt + args.new, args.prefix + args.prompt + args.prefix_new)
     kv_tokens = max([*args.streams, *args.prefix_streams]) * (longest + 16)
     server_flags += ["--max-batch-total-tokens", str(kv_tokens)]
@@ -270,7 +272,8 @@ def section(args: argparse.Namespace, streams: list[StreamsRow], prefix: list[Pr
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d} on {describe_machine()}. Random-weight checkpoints "
         f"saved by transformers, word-level tokenizers (every prompt exactly {args.prompt} "
-        f"tokens). tgi: `tgi-core serve` ({dtype} dtype) in its own process, loaded over "
+        f"tokens). tgi: `tgi-core serve` ({dtype} dtype"
+        f"{', `--compile`' if args.compile else ''}) in its own process, loaded over "
         f"HTTP by `tgi-core bench`'s client (OpenAI `/v1/completions`, streamed, greedy, "
         f"`ignore_eos`, prompts as token ids): S concurrent streams, {args.rounds} "
         f"request(s) each, {args.new} new tokens per request. transformers: `generate` "
@@ -332,6 +335,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per stream")
     parser.add_argument("--hf-dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--server-dtype", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument(
+        "--compile", action="store_true", help="serve with --compile (torch.compile)"
+    )
     parser.add_argument("--prefix", type=int, default=512, help="shared prefix tokens")
     parser.add_argument("--prefix-streams", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--prefix-new", type=int, default=16)

@@ -32,7 +32,9 @@ def compile_forward(model: nn.Module) -> ModelForward:
     """``model.forward`` compiled by inductor; call it only through the returned
     function, which makes the step's batch current for the attention op."""
     for layer in model.modules():
-        if isinstance(layer, Attention):
+        if isinstance(layer, Attention) and layer.compile_key < 0:
+            # once per layer: the graph holds the key as a constant, a new one would
+            # make every later compile_forward of the model recompile
             layer.compile_key = register_layer(layer)
     compiled = torch.compile(model.forward, dynamic=True)
 
