@@ -4,7 +4,8 @@ Same process, same random-weight t5-small-shaped checkpoint (d_model 512, 6+6 la
 8 heads, d_ff 2048, vocab 32128), same sources, same dtype (this machine's default):
 32 requests of 128 source tokens and 64 new tokens, greedy, EOS ignored. The engine
 gets all 32 at once (sources encoded on admission, continuous batching over the paged
-cache); transformers runs ``generate`` with one static batch of 32.
+cache), eager and with ``compile`` (warmed up, untimed, first); transformers runs
+``generate`` with one static batch of 32.
 
     python benchmarks/t5_throughput.py [--requests 32] [--write docs/benchmarks.md]
 """
@@ -57,9 +58,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = save_checkpoint(Path(folder) / "t5", T5Config(**T5_SMALL), weight_std=0.05)
         blocks = args.requests * (-(-max(args.source, args.new + 1) // 16) + 1)
-        engine = build_engine(
-            path, dtype=dtype, num_blocks=blocks, block_size=16, decoder_start_token_id=0
-        )
         requests = [
             GenerateRequest(
                 request_id=f"r{i}",
@@ -68,11 +66,24 @@ def main() -> None:
             )
             for i, s in enumerate(sources)
         ]
-        start = time.perf_counter()
-        streams = engine.run(requests)
-        ours = time.perf_counter() - start
-        generated = sum(len(events) for events in streams.values())
-        print(f"tgi engine: {generated} tokens in {ours:.1f} s", flush=True)
+        runs: dict[str, tuple[int, float]] = {}
+        for compile in (False, True):
+            engine = build_engine(
+                path,
+                dtype=dtype,
+                num_blocks=blocks,
+                block_size=16,
+                decoder_start_token_id=0,
+                compile=compile,
+            )
+            engine.warm_up()
+            start = time.perf_counter()
+            streams = engine.run(requests)
+            seconds = time.perf_counter() - start
+            generated = sum(len(events) for events in streams.values())
+            label = "tgi engine --compile" if compile else "tgi engine"
+            runs[label] = (generated, seconds)
+            print(f"{label}: {generated} tokens in {seconds:.1f} s", flush=True)
         model = AutoModelForSeq2SeqLM.from_pretrained(str(path), dtype=dtype).eval()
         start = time.perf_counter()
         with torch.inference_mode():
@@ -96,13 +107,17 @@ def main() -> None:
         f"tokens and {args.new} new tokens, greedy, EOS ignored, on a t5-small-shaped "
         "checkpoint (d_model 512, 6+6 layers, 8 heads, d_ff 2048, vocab 32128). tgi: all "
         "requests submitted at once to the engine (sources encoded on admission, paged "
-        "cache, block size 16). transformers: `generate` with one static batch, its default "
+        "cache, block size 16), eager and with `--compile` (after a warm-up). "
+        "transformers: `generate` with one static batch, its default "
         "attention. Same process, same sources.",
         "",
         "| system | generated tokens | seconds | tokens/s | vs transformers |",
         "|---|---|---|---|---|",
-        f"| tgi engine | {generated} | {ours:.1f} | {generated / ours:.1f} | "
-        f"{(generated / ours) / (theirs_tokens / theirs):.2f}x |",
+        *(
+            f"| {label} | {generated} | {seconds:.1f} | {generated / seconds:.1f} | "
+            f"{(generated / seconds) / (theirs_tokens / theirs):.2f}x |"
+            for label, (generated, seconds) in runs.items()
+        ),
         f"| transformers generate | {theirs_tokens} | {theirs:.1f} | "
         f"{theirs_tokens / theirs:.1f} | 1.00x |",
         END,
