@@ -43,7 +43,7 @@ from tgi_core.model.layers.attention import Attention
 @dataclass
 class _Decodes:
     rows: torch.Tensor  # [S] packed index of each decode token
-    slots: torch.Tensor  # [S, L] cache slots of each sequence's positions (padded with 0)
+    slots: torch.Tensor  # [S, L] cache slots of each sequence's positions (padding: block 0)
     flat_slots: torch.Tensor  # the same, flattened, for index_select
     all_valid: bool  # every sequence has max_len positions (no padding)
     valid: torch.Tensor  # [S, L] bool: position exists
@@ -120,24 +120,24 @@ class SdpaBackend(AttentionBackend):
         if decode_ids:
             chunks = [batch.chunks[i] for i in decode_ids]
             max_len = max(chunk.seq_len for chunk in chunks)
-            slots = torch.zeros(len(chunks), max_len, dtype=torch.int64)
-            for row, chunk in enumerate(chunks):
-                slots[row, : chunk.seq_len] = torch.tensor(
-                    slots_for(chunk.block_table, 0, chunk.seq_len, batch.block_size)
-                )
             lengths = torch.tensor([chunk.seq_len for chunk in chunks])
             blocks = -(-max_len // batch.block_size)
             tables = torch.zeros(len(chunks), blocks, dtype=torch.int64)
             for row, chunk in enumerate(chunks):
                 used = -(-chunk.seq_len // batch.block_size)
                 tables[row, :used] = torch.tensor(chunk.block_table[:used])
+            positions = torch.arange(max_len)
+            # padding positions read slots of block 0: present in every cache, masked
+            slots = tables[:, positions // batch.block_size] * batch.block_size + (
+                positions % batch.block_size
+            )
             decodes = _Decodes(
                 rows=torch.tensor([batch.query_start[i] for i in decode_ids]),
                 slots=slots,
                 flat_slots=slots.flatten(),
                 all_valid=bool((lengths == max_len).all()),
-                valid=torch.arange(max_len)[None, :] < lengths[:, None],
-                key_pos=torch.arange(max_len, dtype=torch.float32),
+                valid=positions[None, :] < lengths[:, None],
+                key_pos=positions.float(),
                 query_pos=lengths - 1,
                 block_tables=tables,
                 lengths=lengths,
