@@ -13,6 +13,7 @@ cache), eager and with ``compile`` (warmed up, untimed, first); transformers run
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--source", type=int, default=128)
     parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5, help="alternating rounds (median)")
     parser.add_argument("--write", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -66,7 +68,7 @@ def main() -> None:
             )
             for i, s in enumerate(sources)
         ]
-        runs: dict[str, tuple[int, float]] = {}
+        engines = {}
         for compile in (False, True):
             engine = build_engine(
                 path,
@@ -77,26 +79,36 @@ def main() -> None:
                 compile=compile,
             )
             engine.warm_up()
-            start = time.perf_counter()
-            streams = engine.run(requests)
-            seconds = time.perf_counter() - start
-            generated = sum(len(events) for events in streams.values())
-            label = "tgi engine --compile" if compile else "tgi engine"
-            runs[label] = (generated, seconds)
-            print(f"{label}: {generated} tokens in {seconds:.1f} s", flush=True)
+            engines["tgi engine --compile" if compile else "tgi engine"] = engine
         model = AutoModelForSeq2SeqLM.from_pretrained(str(path), dtype=dtype).eval()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(
-                sources,
-                attention_mask=torch.ones_like(sources),
-                max_new_tokens=args.new,
-                min_new_tokens=args.new,
-                do_sample=False,
-            )
-        theirs = time.perf_counter() - start
-        theirs_tokens = (out.shape[1] - 1) * out.shape[0]  # less the start token
-        print(f"transformers: {theirs_tokens} tokens in {theirs:.1f} s", flush=True)
+
+        def generate() -> int:
+            with torch.inference_mode():
+                out = model.generate(
+                    sources,
+                    attention_mask=torch.ones_like(sources),
+                    max_new_tokens=args.new,
+                    min_new_tokens=args.new,
+                    do_sample=False,
+                )
+            return (out.shape[1] - 1) * out.shape[0]  # less the start token
+
+        # each system's median over alternating rounds: one round lasts under 2 s
+        seconds: dict[str, list[float]] = {name: [] for name in [*engines, "transformers"]}
+        for _ in range(args.repeats):
+            for label, engine in engines.items():
+                start = time.perf_counter()
+                streams = engine.run(requests)
+                seconds[label].append(time.perf_counter() - start)
+                generated = sum(len(events) for events in streams.values())
+            start = time.perf_counter()
+            theirs_tokens = generate()
+            seconds["transformers"].append(time.perf_counter() - start)
+        runs = {label: (generated, statistics.median(seconds[label])) for label in engines}
+        theirs = statistics.median(seconds["transformers"])
+        for label, (count, median) in runs.items():
+            print(f"{label}: {count} tokens in {median:.2f} s", flush=True)
+        print(f"transformers: {theirs_tokens} tokens in {theirs:.2f} s", flush=True)
     name = str(dtype).removeprefix("torch.")
     lines = [
         BEGIN,
@@ -109,16 +121,16 @@ def main() -> None:
         "requests submitted at once to the engine (sources encoded on admission, paged "
         "cache, block size 16), eager and with `--compile` (after a warm-up). "
         "transformers: `generate` with one static batch, its default "
-        "attention. Same process, same sources.",
+        f"attention. Same process, same sources; median of {args.repeats} alternating rounds.",
         "",
         "| system | generated tokens | seconds | tokens/s | vs transformers |",
         "|---|---|---|---|---|",
         *(
-            f"| {label} | {generated} | {seconds:.1f} | {generated / seconds:.1f} | "
-            f"{(generated / seconds) / (theirs_tokens / theirs):.2f}x |"
-            for label, (generated, seconds) in runs.items()
+            f"| {label} | {count} | {median:.2f} | {count / median:.1f} | "
+            f"{(count / median) / (theirs_tokens / theirs):.2f}x |"
+            for label, (count, median) in runs.items()
         ),
-        f"| transformers generate | {theirs_tokens} | {theirs:.1f} | "
+        f"| transformers generate | {theirs_tokens} | {theirs:.2f} | "
         f"{theirs_tokens / theirs:.1f} | 1.00x |",
         END,
     ]

@@ -27,6 +27,7 @@ precision, reading a bf16 cache through a conversion.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -38,6 +39,22 @@ from tgi_core.attention.batch import ForwardBatch, slots_for
 from tgi_core.attention.native import paged_decode, paged_decode_available
 from tgi_core.model.base import cpu_has_native_bf16
 from tgi_core.model.layers.attention import Attention
+
+
+def _tables_and_slots(
+    block_tables: list[Sequence[int]], lengths: list[int], block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence, the blocks covering its first ``lengths[i]`` positions ``[S, B]`` and
+    those positions' cache slots ``[S, max(lengths)]``; padding reads block 0 (present in
+    every cache, and masked or never read)."""
+    longest = max(lengths)
+    tables = torch.zeros(len(lengths), -(-longest // block_size), dtype=torch.int64)
+    for row, (table, length) in enumerate(zip(block_tables, lengths, strict=True)):
+        used = -(-length // block_size)
+        tables[row, :used] = torch.tensor(table[:used])
+    positions = torch.arange(longest)
+    slots = tables[:, positions // block_size] * block_size + positions % block_size
+    return tables, slots
 
 
 @dataclass
@@ -66,11 +83,14 @@ class _Prefill:
 class _Cross:
     """Where each sequence's source keys live, for cross-attention."""
 
-    slots: torch.Tensor  # [S, E] cache slots of each sequence's source (padded with 0)
+    slots: torch.Tensor  # [S, E] cache slots of each sequence's source (padding: block 0)
     flat_slots: torch.Tensor
     valid: torch.Tensor  # [S, E] bool: source position exists
     single_rows: list[int]  # the sequences with one query (batched together)
     rows: torch.Tensor  # their packed query index
+    single_tables: torch.Tensor  # their block tables, for the decode kernel
+    single_lengths: torch.Tensor  # their sources' lengths
+    block_size: int
 
 
 @dataclass
@@ -114,6 +134,23 @@ class SdpaBackend(AttentionBackend):
         position, beyond what bf16 resolves)."""
         return cache_dtype if layer.alibi_slopes is None else torch.float32
 
+    @classmethod
+    def _kernel_applies(cls, layer: Attention, cache_dtype: torch.dtype) -> bool:
+        """Whether the decode kernel attends for ``layer`` (in place from the paged cache,
+        no gathered copy: attention/native.py). A float32 cache keeps SDPA, whose sums
+        match transformers' to the last bits (a quantized layer computing in bf16 inside
+        amplifies any other order); position biases and windows keep it too."""
+        plain = (
+            layer.alibi_slopes is None
+            and layer.position_bias is None
+            and layer.sliding_window is None
+        )
+        return (
+            plain
+            and cls._compute_dtype(layer, cache_dtype) == cache_dtype == torch.bfloat16
+            and paged_decode_available()
+        )
+
     def prepare(self, batch: ForwardBatch) -> _Plan:
         decode_ids = [i for i, chunk in enumerate(batch.chunks) if chunk.num_new == 1]
         decodes = None
@@ -121,16 +158,10 @@ class SdpaBackend(AttentionBackend):
             chunks = [batch.chunks[i] for i in decode_ids]
             max_len = max(chunk.seq_len for chunk in chunks)
             lengths = torch.tensor([chunk.seq_len for chunk in chunks])
-            blocks = -(-max_len // batch.block_size)
-            tables = torch.zeros(len(chunks), blocks, dtype=torch.int64)
-            for row, chunk in enumerate(chunks):
-                used = -(-chunk.seq_len // batch.block_size)
-                tables[row, :used] = torch.tensor(chunk.block_table[:used])
-            positions = torch.arange(max_len)
-            # padding positions read slots of block 0: present in every cache, masked
-            slots = tables[:, positions // batch.block_size] * batch.block_size + (
-                positions % batch.block_size
+            tables, slots = _tables_and_slots(
+                [chunk.block_table for chunk in chunks], lengths.tolist(), batch.block_size
             )
+            positions = torch.arange(max_len)
             decodes = _Decodes(
                 rows=torch.tensor([batch.query_start[i] for i in decode_ids]),
                 slots=slots,
@@ -166,20 +197,21 @@ class SdpaBackend(AttentionBackend):
     def _prepare_cross(batch: ForwardBatch) -> _Cross | None:
         if not any(chunk.encoder_len for chunk in batch.chunks):
             return None
-        longest = max(chunk.encoder_len for chunk in batch.chunks)
-        slots = torch.zeros(len(batch.chunks), longest, dtype=torch.int64)
-        for row, chunk in enumerate(batch.chunks):
-            slots[row, : chunk.encoder_len] = torch.tensor(
-                slots_for(chunk.block_table, 0, chunk.encoder_len, batch.block_size)
-            )
         lengths = torch.tensor([chunk.encoder_len for chunk in batch.chunks])
+        tables, slots = _tables_and_slots(
+            [chunk.block_table for chunk in batch.chunks], lengths.tolist(), batch.block_size
+        )
         single = [i for i, chunk in enumerate(batch.chunks) if chunk.num_new == 1]
+        index = torch.tensor(single, dtype=torch.int64)
         return _Cross(
             slots=slots,
             flat_slots=slots.flatten(),
-            valid=torch.arange(longest)[None, :] < lengths[:, None],
+            valid=torch.arange(slots.shape[1])[None, :] < lengths[:, None],
             single_rows=single,
             rows=torch.tensor([batch.query_start[i] for i in single], dtype=torch.int64),
+            single_tables=tables[index],
+            single_lengths=lengths[index],
+            block_size=batch.block_size,
         )
 
     def forward(
@@ -243,15 +275,7 @@ class SdpaBackend(AttentionBackend):
         """Attention of one query per sequence ``q`` ``[S, H, D]`` -> ``[S, H, D]``, in the
         layer's compute dtype."""
         dtype = self._compute_dtype(layer, keys.dtype)
-        plain = (
-            layer.alibi_slopes is None
-            and layer.position_bias is None
-            and layer.sliding_window is None
-        )
-        if plain and dtype == keys.dtype == torch.bfloat16 and paged_decode_available():
-            # in place from the paged cache, no gathered copy (attention/native.py); a
-            # float32 cache keeps SDPA, whose sums match transformers' to the last bits
-            # (a quantized layer computing in bf16 inside amplifies any other order)
+        if self._kernel_applies(layer, keys.dtype):
             return paged_decode(
                 q.to(dtype), keys, values, d.block_tables, d.lengths, d.block_size, layer.scale
             )
@@ -364,7 +388,17 @@ class SdpaBackend(AttentionBackend):
         gqa = layer.num_kv_heads != layer.num_heads
         dtype = self._compute_dtype(layer, keys.dtype)
         out = torch.empty(q.shape[0], layer.num_heads, layer.head_dim, dtype=dtype)
-        if cross.single_rows:  # one query per sequence: one batched call
+        if cross.single_rows and self._kernel_applies(layer, keys.dtype):
+            out[cross.rows] = paged_decode(
+                q[cross.rows].to(dtype),
+                keys,
+                values,
+                cross.single_tables,
+                cross.single_lengths,
+                cross.block_size,
+                layer.scale,
+            )
+        elif cross.single_rows:  # one query per sequence: one batched call
             index = torch.tensor(cross.single_rows)
             slots = cross.slots[index]
             shape = (*slots.shape, layer.num_kv_heads, layer.head_dim)
