@@ -136,8 +136,11 @@ def tokens_of(events) -> list[int]:
     return [e.token_id for e in events if e.error is None]
 
 
-def test_engine_matches_transformers_in_mixed_batches(checkpoint, reference) -> None:
-    engine = build_engine(checkpoint, num_blocks=256, block_size=4, decoder_start_token_id=0)
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_engine_matches_transformers_in_mixed_batches(checkpoint, reference, compile) -> None:
+    engine = build_engine(
+        checkpoint, num_blocks=256, block_size=4, decoder_start_token_id=0, compile=compile
+    )
     encodes = []
     engine.runner.model.encoder.register_forward_hook(
         lambda module, args, out: encodes.append(out.shape[0])
