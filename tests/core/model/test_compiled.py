@@ -17,8 +17,9 @@ from litestar.testing import TestClient
 from transformers import BloomConfig, LlamaConfig
 
 from tgi_core.config import load_config
+from tgi_core.engine.async_engine import AsyncEngine
 from tgi_core.engine.requests import GenerateRequest, StoppingParams
-from tgi_core.errors import ConfigError
+from tgi_core.errors import ConfigError, TGIError
 from tgi_core.model.fixtures import (
     build_engine,
     compare_with_transformers,
@@ -122,3 +123,15 @@ def test_served_compiled_equals_served_eager(llama: Path) -> None:
 def test_compile_is_refused_with_sharding() -> None:
     with pytest.raises(ConfigError, match="compile"):
         load_config(cli={"compile": "true", "num_shard": "2"}, environ={})
+
+
+def test_a_failed_warm_up_stops_startup_with_a_clear_error(llama: Path) -> None:
+    engine = build_engine(llama, num_blocks=16, block_size=4)
+
+    def fails() -> None:
+        raise RuntimeError("inductor could not lower an op\nlong traceback text")
+
+    engine.warm_up = fails  # type: ignore[method-assign]
+    async_engine = AsyncEngine(engine, warm_up=True)
+    with pytest.raises(TGIError, match=r"serve without --compile.*inductor could not lower"):
+        async_engine.start()

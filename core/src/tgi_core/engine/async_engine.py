@@ -20,6 +20,7 @@ from typing import Any
 
 from tgi_core.engine.engine import Engine, EngineStats
 from tgi_core.engine.requests import GenerateRequest, TokenEvent
+from tgi_core.errors import TGIError
 from tgi_core.logging import get_logger
 
 log = get_logger("tgi_core.engine")
@@ -132,8 +133,13 @@ class AsyncEngine:
                 started = time.perf_counter()
                 self.engine.warm_up()
                 log.info("model warmed up", seconds=round(time.perf_counter() - started, 1))
-        except BaseException as exc:
-            self._startup_error = exc
+        except Exception as exc:
+            log.exception("model warm-up failed")
+            self._startup_error = TGIError(
+                "warming up the model failed (with --compile, torch.compile could not "
+                f"compile it: serve without --compile): {type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            )
             return
         finally:
             self._ready.set()
