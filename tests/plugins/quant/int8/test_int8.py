@@ -11,7 +11,13 @@ from tgi_core.model.layers.linear import ReplicatedLinear
 from tgi_core.model.quantization import QuantizerContext
 from tgi_core.model.weights import LazyTensor
 from tgi_int8 import Int8Settings
-from tgi_int8.method import Int8LinearMethod, Int8Quantizer, dequantize, quantize_per_channel
+from tgi_int8.method import (
+    KERNEL_MAX_ROWS,
+    Int8LinearMethod,
+    Int8Quantizer,
+    dequantize,
+    quantize_per_channel,
+)
 
 GENERATOR = torch.Generator().manual_seed(0)
 
@@ -67,6 +73,34 @@ def test_layer_equals_matmul_with_dequantized_weights(kernel: bool, dtype: torch
     expected = inputs.float() @ dequantize(q, scale).T + bias.to(dtype).float()
     exact = dtype == torch.float32 and not kernel
     tolerance = 1e-5 if exact else 1e-2 * float(expected.abs().max())
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_rows_take_a_gemm_over_the_int8_values(monkeypatch, dtype: torch.dtype) -> None:
+    """Past KERNEL_MAX_ROWS tokens (prefill, large batches), the kernel's per-row loop
+    is slower than a GEMM over the int8 values: the layer takes the portable path, exact
+    in float32 and within 1% in bfloat16 (one more rounding of the output)."""
+    weight, bias = torch.randn(48, 64, generator=GENERATOR), torch.randn(48, generator=GENERATOR)
+    layer = layer_with(Int8LinearMethod(True), weight, bias, dtype)
+    calls = []
+    kernel = torch.ops.aten._weight_int8pack_mm
+
+    class CountingOps:
+        @staticmethod
+        def _weight_int8pack_mm(*args: Any) -> torch.Tensor:
+            calls.append(args[0].shape[0])
+            return kernel(*args)
+
+    monkeypatch.setattr(torch.ops, "aten", CountingOps)
+    few = torch.randn(KERNEL_MAX_ROWS, 64, generator=GENERATOR).to(dtype)
+    many = torch.randn(KERNEL_MAX_ROWS + 1, 64, generator=GENERATOR).to(dtype)
+    layer(few)
+    out = layer(many)
+    assert calls == [KERNEL_MAX_ROWS]  # the few rows only
+    q, scale = quantize_per_channel(weight)
+    expected = many.float() @ dequantize(q, scale).T + bias.to(dtype).float()
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2 * float(expected.abs().max())
     torch.testing.assert_close(out.float(), expected, rtol=0, atol=tolerance)
 
 

@@ -4,10 +4,10 @@
 Each output channel's scale is its largest magnitude over 127, rounded to bfloat16 (the
 kernel's dtype); the int8 values are rounded against that stored scale, so every path
 computes with the same weights. On CPU, ``torch.ops.aten._weight_int8pack_mm`` runs
-the layer with bfloat16 activations (cast in and out: with float32 activations the op
-falls to a path 10-30x slower); elsewhere, or with ``kernel = "portable"``, the layer
-multiplies by the int8 values converted to the activations' dtype and scales the
-output, which is exact in float32.
+the layer for up to ``KERNEL_MAX_ROWS`` tokens with bfloat16 activations (cast in and
+out: with float32 activations the op falls to a path 10-30x slower); for more tokens,
+elsewhere, or with ``kernel = "portable"``, the layer multiplies by the int8 values
+converted to the activations' dtype and scales the output, which is exact in float32.
 """
 
 from __future__ import annotations
@@ -42,6 +42,27 @@ def kernel_available(device: torch.device) -> bool:
     return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
+#: torch's int8 kernel is a matrix-vector loop: its time grows with the rows (0.22 ms at
+#: 8 rows of a 576 x 3072 layer, 3.1 ms at 128), where a bf16 GEMM over the int8 values
+#: takes 0.3-0.6 ms; above this many rows (prefill chunks, large decode batches), the
+#: layer takes that portable path
+KERNEL_MAX_ROWS = 8
+
+
+def int8_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, use_kernel: bool
+) -> torch.Tensor:
+    """``x`` ``[rows, in]`` times the int8 weight ``[out, in]`` with per-output scales.
+
+    The kernel computes in bfloat16 (``x`` cast in and out); the portable path multiplies
+    by the int8 values in ``x``'s dtype (exact: they are small integers) and scales the
+    product, exact in float32 and one more bf16 rounding than the kernel in bfloat16."""
+    if use_kernel and x.shape[0] <= KERNEL_MAX_ROWS:
+        out = torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), qweight, scales)
+        return out.to(x.dtype)
+    return F.linear(x, qweight.to(x.dtype)) * scales.to(x.dtype)
+
+
 #: the CPU kernel reads input features 16 at a time: other sizes give wrong results
 #: or crash (measured with torch 2.13), so such layers take the portable path
 KERNEL_INPUT_MULTIPLE = 16
@@ -68,14 +89,7 @@ class Int8LinearMethod:
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if self.use_kernel:
-            out = torch.ops.aten._weight_int8pack_mm(
-                flat.to(KERNEL_DTYPE).contiguous(), layer.tensor("qweight"), layer.tensor("scales")
-            ).to(x.dtype)
-        else:
-            out = F.linear(flat, layer.tensor("qweight").to(x.dtype)) * layer.tensor("scales").to(
-                x.dtype
-            )
+        out = int8_matmul(flat, layer.tensor("qweight"), layer.tensor("scales"), self.use_kernel)
         if bias is not None:
             out = out + bias
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -103,12 +117,7 @@ class Int8Vocabulary:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
-        if self.use_kernel:
-            out = torch.ops.aten._weight_int8pack_mm(
-                flat.to(KERNEL_DTYPE).contiguous(), self.qweight, self.scales
-            ).to(hidden.dtype)
-        else:
-            out = F.linear(flat, self.qweight.to(hidden.dtype)) * self.scales.to(hidden.dtype)
+        out = int8_matmul(flat, self.qweight, self.scales, self.use_kernel)
         return out.view(*hidden.shape[:-1], out.shape[-1])
 
 
