@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from litestar.testing import TestClient
-from transformers import BloomConfig, LlamaConfig
+from transformers import BloomConfig
 
 from tgi_core.config import load_config
 from tgi_core.engine.async_engine import AsyncEngine
@@ -25,19 +25,8 @@ from tgi_core.model.fixtures import (
     compare_with_transformers,
     load_reference,
     save_checkpoint,
-    train_tokenizer,
 )
 from tgi_core.testing import build_test_app
-
-LLAMA = dict(
-    vocab_size=320,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
 
 
 def prompts(seed: int = 0) -> list[list[int]]:
@@ -46,11 +35,9 @@ def prompts(seed: int = 0) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("compiled") / "llama"
-    save_checkpoint(path, LlamaConfig(**LLAMA))
-    train_tokenizer(path, 320)
-    return path
+def llama(tiny_llama: Path) -> Path:
+    """The shared tiny Llama (GQA: 4 heads over 2 key/value heads)."""
+    return tiny_llama
 
 
 @pytest.mark.parametrize("prefill_chunk", [None, 5])
