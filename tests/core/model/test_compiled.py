@@ -122,3 +122,17 @@ def test_a_failed_warm_up_stops_startup_with_a_clear_error(llama: Path) -> None:
     async_engine = AsyncEngine(engine, warm_up=True)
     with pytest.raises(TGIError, match=r"serve without --compile.*inductor could not lower"):
         async_engine.start()
+
+
+def test_the_warm_up_steps_stay_out_of_the_step_metrics(llama: Path) -> None:
+    engine = build_engine(llama, num_blocks=16, block_size=4)
+    observed: list[str] = []
+    engine.step_observer = lambda method, *rest: observed.append(method)
+    async_engine = AsyncEngine(engine, warm_up=True)
+    async_engine.start()
+    try:
+        assert observed == []
+        assert engine.step_observer is not None  # given back for the served steps
+        assert engine.blocks.num_used == 0
+    finally:
+        async_engine.shutdown()

@@ -131,7 +131,12 @@ class AsyncEngine:
         try:
             if self.warm_up:
                 started = time.perf_counter()
-                self.engine.warm_up()
+                # the warm-up's steps are not served traffic: keep them out of metrics
+                observer, self.engine.step_observer = self.engine.step_observer, None
+                try:
+                    self.engine.warm_up()
+                finally:
+                    self.engine.step_observer = observer
                 log.info("model warmed up", seconds=round(time.perf_counter() - started, 1))
         except Exception as exc:
             log.exception("model warm-up failed")
