@@ -69,6 +69,25 @@ def test_kernel_matches_plain_attention(case, dtype, lengths) -> None:
     assert (got.double() - expected).abs().max().item() <= tolerance
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_portable_build_matches_plain_attention(dtype) -> None:
+    """Built for a CPU without AVX-512 (x86-64-v3), the kernel takes its portable loops
+    (float dot products, no prefetch, no register accumulators): same tolerances."""
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip("the portable build targets x86-64")
+    library = native.load_kernel("x86-64-v3")
+    layout = CASES["smollm-like (3 per group, 64)"]
+    q, keys, values, tables, lengths = scenario(
+        3, lengths=[1, 17, 40, 5, 33], dtype=dtype, **layout
+    )
+    got = paged_decode(q, keys, values, tables, lengths, 16, 0.125, library=library)
+    expected = reference(q, keys, values, tables, lengths, 16, 0.125)
+    tolerance = 1e-5 if dtype == torch.float32 else 1.5e-2
+    assert (got.double() - expected).abs().max().item() <= tolerance
+
+
 def test_kernel_uses_only_each_sequences_own_positions() -> None:
     """Garbage (NaN) in every slot a sequence does not own never reaches its output."""
     q, keys, values, tables, lengths = scenario(

@@ -23,7 +23,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,7 +38,6 @@ SOURCE = "paged_decode.cpp"
 # process; these are the parts the kernel's loops need to vectorize
 FLAGS = (
     "-O3",
-    "-march=native",
     "-fopenmp",
     "-fno-math-errno",
     "-fno-trapping-math",
@@ -49,11 +47,6 @@ FLAGS = (
     "-shared",
     "-fPIC",
 )
-
-PagedDecode = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float],
-    torch.Tensor,
-]
 
 
 def _cpu_features() -> str:
@@ -66,7 +59,7 @@ def _cpu_features() -> str:
     return ""
 
 
-def _build(source: str, target: Path) -> None:
+def _build(source: str, target: Path, flags: tuple[str, ...]) -> None:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         raise RuntimeError("no C++ compiler ($CXX, c++ or g++)")
@@ -75,7 +68,7 @@ def _build(source: str, target: Path) -> None:
         cpp, built = Path(scratch) / SOURCE, Path(scratch) / target.name
         cpp.write_text(source)
         result = subprocess.run(
-            [compiler, *FLAGS, str(cpp), "-o", str(built)],
+            [compiler, *flags, str(cpp), "-o", str(built)],
             capture_output=True,
             text=True,
             check=False,
@@ -85,27 +78,35 @@ def _build(source: str, target: Path) -> None:
         os.replace(built, target)  # atomic: processes building at once agree
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return None
+def load_kernel(march: str = "native") -> ctypes.CDLL:
+    """The kernel built for ``-march=march`` (from the per-user cache, or built now);
+    raises ``RuntimeError`` or ``OSError`` when it cannot be built or loaded."""
     source = (Path(__file__).parent / "kernels" / SOURCE).read_text()
-    key = hashlib.sha256("\n".join([source, *FLAGS, _cpu_features()]).encode()).hexdigest()
+    flags = (*FLAGS, f"-march={march}")
+    features = _cpu_features() if march == "native" else ""
+    key = hashlib.sha256("\n".join([source, *flags, features]).encode()).hexdigest()
     cache = Path(os.environ.get("TGI_KERNEL_CACHE") or Path.home() / ".cache/tgi/kernels")
     target = cache / f"paged_decode-{key[:16]}.so"
-    try:
-        if not target.exists():
-            _build(source, target)
-        library = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError) as exc:
-        log.warning("CPU decode-attention kernel unavailable; using gather + SDPA", error=str(exc))
-        return None
+    if not target.exists():
+        _build(source, target, flags)
+    library = ctypes.CDLL(str(target))
     int64, pointer = ctypes.c_int64, ctypes.c_void_p
     for name in ("tgi_paged_decode_bf16", "tgi_paged_decode_f32"):
         function = getattr(library, name)
         function.argtypes = [pointer] * 6 + [int64] * 6 + [ctypes.c_float]
         function.restype = None
     return library
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    try:
+        return load_kernel()
+    except (OSError, RuntimeError) as exc:
+        log.warning("CPU decode-attention kernel unavailable; using gather + SDPA", error=str(exc))
+        return None
 
 
 def paged_decode_available() -> bool:
@@ -121,15 +122,18 @@ def paged_decode(
     seq_lens: torch.Tensor,
     block_size: int,
     scale: float,
+    *,
+    library: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence over its cached positions ``[0, seq_len)``.
 
     ``q`` ``[S, H, D]`` in the cache's dtype (bfloat16 or float32); caches ``[slots,
     Hkv, D]``; ``block_tables`` ``[S, max_blocks]`` and ``seq_lens`` ``[S]`` int64 (every
     length at least 1, covered by its table). Returns ``[S, H, D]`` in ``q``'s dtype.
-    Call only where :func:`paged_decode_available`.
+    Call only where :func:`paged_decode_available` (or pass a ``library`` from
+    :func:`load_kernel`).
     """
-    library = _library()
+    library = library or _library()
     assert library is not None, "paged_decode_available() is False"
     if q.dtype not in (torch.bfloat16, torch.float32) or key_cache.dtype != q.dtype:
         raise TypeError(f"paged_decode: q {q.dtype}, cache {key_cache.dtype}")

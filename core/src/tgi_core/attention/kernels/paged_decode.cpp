@@ -21,6 +21,27 @@
 
 namespace {
 
+// Position l of a sequence in a cache laid out [slots, Hkv, D]: its row of Hkv * D
+// values (``stride``), found through the sequence's block table.
+template <typename T>
+inline const T* cache_row(const T* cache, const int64_t* table, int64_t l, int64_t block_size,
+                          int64_t stride) {
+  return cache + (table[l / block_size] * block_size + l % block_size) * stride;
+}
+
+constexpr int64_t kAhead = 8;  // positions prefetched ahead
+
+// The blocks of a sequence are scattered through the cache: fetch ``bytes`` of the row
+// kAhead positions after l (from ``offset`` elements into it) while l is computed.
+template <typename T>
+inline void prefetch_ahead(const T* cache, const int64_t* table, int64_t l, int64_t len,
+                           int64_t block_size, int64_t stride, int64_t offset, int64_t bytes) {
+  if (l + kAhead >= len) return;
+  const char* ahead = reinterpret_cast<const char*>(
+      cache_row(cache, table, l + kAhead, block_size, stride) + offset);
+  for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(ahead + byte, 0, 3);
+}
+
 inline float to_float(float x) { return x; }
 inline float to_float(uint16_t x) {
   uint32_t bits = static_cast<uint32_t>(x) << 16;
@@ -49,7 +70,6 @@ inline float exp_nonpositive(float x) {
 
 #if defined(__AVX512BF16__)
 constexpr bool kBf16Dot = true;
-constexpr int64_t kAhead = 8;  // positions prefetched ahead
 // q . k of two bf16 vectors (D a multiple of 32): exact products, float32 sums
 inline float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t D) {
   __m512 acc = _mm512_setzero_ps();
@@ -73,13 +93,8 @@ void weighted_values(const uint16_t* v_cache, const int64_t* table, int64_t len,
   for (int g = 0; g < GT; ++g)
     for (int c = 0; c < D / 16; ++c) acc[g][c] = _mm512_setzero_ps();
   for (int64_t l = 0; l < len; ++l) {
-    const uint16_t* v = v_cache + (table[l / block_size] * block_size + l % block_size) * stride;
-    if (l + kAhead < len) {
-      const int64_t next = l + kAhead;
-      const char* ahead = reinterpret_cast<const char*>(
-          v_cache + (table[next / block_size] * block_size + next % block_size) * stride);
-      for (int64_t byte = 0; byte < D * 2; byte += 64) _mm_prefetch(ahead + byte, _MM_HINT_T0);
-    }
+    const uint16_t* v = cache_row(v_cache, table, l, block_size, stride);
+    prefetch_ahead(v_cache, table, l, len, block_size, stride, 0, D * 2);
     __m512 row[D / 16];
     for (int c = 0; c < D / 16; ++c) row[c] = load_bf16(v + 16 * c);
     for (int g = 0; g < GT; ++g) {
@@ -106,9 +121,12 @@ void weighted_values_any(const uint16_t* v_cache, const int64_t* table, int64_t 
     else weighted_values<D, 1>(v_cache, table, len, block_size, stride, pg, og);
   }
 }
-#else
+#else  // never called: the branches that would are discarded at compile time
 constexpr bool kBf16Dot = false;
 inline float dot_bf16(const uint16_t*, const uint16_t*, int64_t) { return 0.f; }
+template <int64_t D>
+void weighted_values_any(const uint16_t*, const int64_t*, int64_t, int64_t, int64_t,
+                         const float*, float*, int64_t) {}
 #endif
 
 inline void from_float(float x, float* out) { *out = x; }
@@ -123,53 +141,44 @@ inline void from_float(float x, uint16_t* out) {
   *out = static_cast<uint16_t>(bits >> 16);
 }
 
-// One work item: sequence s, key/value heads [h0, h1), all their query heads.
+// scores[j * len + l] = scale * q_j . k_l for the query heads j of key/value heads
+// [h0, h0 + heads) (G per key/value head) and the sequence's positions l < len.
 template <typename T, int64_t FixedD>
-void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t len,
-            T* out, int64_t H, int64_t Hkv, int64_t AnyD, int64_t block_size, float scale,
-            int64_t h0, int64_t h1, float* qf, float* scores, float* acc, float* row,
-            float* inv_total) {
-  const int64_t D = FixedD ? FixedD : AnyD;
-  const int64_t G = H / Hkv, heads = h1 - h0, width = heads * D;
-  const int64_t stride = Hkv * D;  // elements between consecutive positions in the cache
-  for (int64_t i = 0; i < heads * G * D; ++i) qf[i] = to_float(q[h0 * G * D + i]) * scale;
+void score(const T* q, const T* k_cache, const int64_t* table, int64_t len, int64_t G,
+           int64_t Hkv, int64_t AnyD, int64_t block_size, float scale, int64_t h0,
+           int64_t heads, float* qf, float* row, float* scores) {
+  const int64_t D = FixedD ? FixedD : AnyD, stride = Hkv * D;
   if constexpr (std::is_same_v<T, uint16_t> && kBf16Dot) {
     if (D % 32 == 0) {  // bf16 dot products straight from the cache (AVX-512 BF16)
       for (int64_t l = 0; l < len; ++l) {
-        const T* k =
-            k_cache + (table[l / block_size] * block_size + l % block_size) * stride + h0 * D;
-        if (l + kAhead < len) {  // the cache's blocks are scattered: fetch ahead
-          const int64_t next = l + kAhead;
-          const char* ahead = reinterpret_cast<const char*>(
-              k_cache + (table[next / block_size] * block_size + next % block_size) * stride +
-              h0 * D);
-          for (int64_t byte = 0; byte < heads * D * 2; byte += 64)
-            _mm_prefetch(ahead + byte, _MM_HINT_T0);
-        }
-        for (int64_t h = 0; h < heads; ++h)
-          for (int64_t g = 0; g < G; ++g)
-            scores[(h * G + g) * len + l] =
-                dot_bf16(q + (h0 * G + h * G + g) * D, k + h * D, D) * scale;
+        const T* k = cache_row(k_cache, table, l, block_size, stride) + h0 * D;
+        prefetch_ahead(k_cache, table, l, len, block_size, stride, h0 * D, heads * D * 2);
+        for (int64_t j = 0; j < heads * G; ++j)
+          scores[j * len + l] = dot_bf16(q + j * D, k + (j / G) * D, D) * scale;
       }
-      goto softmax;
+      return;
     }
   }
+  for (int64_t i = 0; i < heads * G * D; ++i) qf[i] = to_float(q[i]) * scale;
   for (int64_t l = 0; l < len; ++l) {
-    const T* k = k_cache + (table[l / block_size] * block_size + l % block_size) * stride + h0 * D;
+    const T* k = cache_row(k_cache, table, l, block_size, stride) + h0 * D;
 #pragma omp simd
-    for (int64_t i = 0; i < width; ++i) row[i] = to_float(k[i]);
-    for (int64_t h = 0; h < heads; ++h)
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = qf + (h * G + g) * D;
-        const float* kh = row + h * D;
-        float dot = 0.f;
+    for (int64_t i = 0; i < heads * D; ++i) row[i] = to_float(k[i]);
+    for (int64_t j = 0; j < heads * G; ++j) {
+      const float* qj = qf + j * D;
+      const float* kj = row + (j / G) * D;
+      float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < D; ++d) dot += qg[d] * kh[d];
-        scores[(h * G + g) * len + l] = dot;
-      }
+      for (int64_t d = 0; d < D; ++d) dot += qj[d] * kj[d];
+      scores[j * len + l] = dot;
+    }
   }
-softmax:
-  for (int64_t j = 0; j < heads * G; ++j) {
+}
+
+// Each of the ``count`` rows of scores becomes exp(score - max); inv_total[j] is one
+// over the row's sum (applied to the weighted sum, not to every weight).
+inline void softmax_rows(float* scores, int64_t count, int64_t len, float* inv_total) {
+  for (int64_t j = 0; j < count; ++j) {
     float* sc = scores + j * len;
     float m = sc[0];
 #pragma omp simd reduction(max : m)
@@ -180,32 +189,51 @@ softmax:
       sc[l] = exp_nonpositive(sc[l] - m);
       total += sc[l];
     }
-    inv_total[j] = 1.f / total;  // applied to the weighted sum
+    inv_total[j] = 1.f / total;
   }
+}
+
+// acc[j * D + d] = sum_l weights[j * len + l] * v_l[d], for the same query heads.
+template <typename T, int64_t FixedD>
+void weigh(const T* v_cache, const int64_t* table, int64_t len, int64_t G, int64_t Hkv,
+           int64_t AnyD, int64_t block_size, int64_t h0, int64_t heads, const float* weights,
+           float* row, float* acc) {
+  const int64_t D = FixedD ? FixedD : AnyD, stride = Hkv * D;
   if constexpr (std::is_same_v<T, uint16_t> && kBf16Dot && (FixedD == 64 || FixedD == 128)) {
-    for (int64_t h = 0; h < heads; ++h)
+    for (int64_t h = 0; h < heads; ++h)  // accumulators in registers (AVX-512)
       weighted_values_any<FixedD>(v_cache + (h0 + h) * D, table, len, block_size, stride,
-                                  scores + h * G * len, acc + h * G * D, G);
-    goto normalize;
+                                  weights + h * G * len, acc + h * G * D, G);
+    return;
   }
   std::fill(acc, acc + heads * G * D, 0.f);
   for (int64_t l = 0; l < len; ++l) {
-    const T* v = v_cache + (table[l / block_size] * block_size + l % block_size) * stride + h0 * D;
+    const T* v = cache_row(v_cache, table, l, block_size, stride) + h0 * D;
 #pragma omp simd
-    for (int64_t i = 0; i < width; ++i) row[i] = to_float(v[i]);
-    for (int64_t h = 0; h < heads; ++h)
-      for (int64_t g = 0; g < G; ++g) {
-        const float p = scores[(h * G + g) * len + l];
-        float* a = acc + (h * G + g) * D;
-        const float* vh = row + h * D;
+    for (int64_t i = 0; i < heads * D; ++i) row[i] = to_float(v[i]);
+    for (int64_t j = 0; j < heads * G; ++j) {
+      const float p = weights[j * len + l];
+      float* a = acc + j * D;
+      const float* vj = row + (j / G) * D;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) a[d] += p * vh[d];
-      }
+      for (int64_t d = 0; d < D; ++d) a[d] += p * vj[d];
+    }
   }
-normalize:
+}
+
+// One work item: a sequence's key/value heads [h0, h1) and all their query heads.
+template <typename T, int64_t FixedD>
+void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t len,
+            T* out, int64_t H, int64_t Hkv, int64_t AnyD, int64_t block_size, float scale,
+            int64_t h0, int64_t h1, float* qf, float* scores, float* acc, float* row,
+            float* inv_total) {
+  const int64_t D = FixedD ? FixedD : AnyD;
+  const int64_t G = H / Hkv, heads = h1 - h0, first = h0 * G * D;
+  score<T, FixedD>(q + first, k_cache, table, len, G, Hkv, D, block_size, scale, h0, heads, qf,
+                   row, scores);
+  softmax_rows(scores, heads * G, len, inv_total);
+  weigh<T, FixedD>(v_cache, table, len, G, Hkv, D, block_size, h0, heads, scores, row, acc);
   for (int64_t j = 0; j < heads * G; ++j)
-    for (int64_t d = 0; d < D; ++d)
-      from_float(acc[j * D + d] * inv_total[j], out + (h0 * G + j) * D + d);
+    for (int64_t d = 0; d < D; ++d) from_float(acc[j * D + d] * inv_total[j], out + first + j * D + d);
 }
 
 template <typename T, int64_t FixedD>
