@@ -1,15 +1,12 @@
-"""The CPU paged decode-attention kernel (``kernels/paged_decode.cpp``), built at first use.
+"""The CPU paged decode-attention kernel (``tgi_core/kernels/paged_decode.cpp``).
 
 Decode attention reads every cached key and value of every sequence once per layer; the
 general path gathers them into a padded copy and runs SDPA over it. The kernel reads
 them in place from the paged cache through the block tables, and computes the softmax
 in float32 (docs/benchmarks.md has what it bought).
 
-The source is compiled on the machine that runs it (``-O3 -march=native -fopenmp``, by
-``$CXX`` or ``c++``) into a per-user cache (``$TGI_KERNEL_CACHE``, default
-``~/.cache/tgi/kernels``), keyed by the source, the flags and the CPU's features, and
-loaded with ctypes after torch, so it shares torch's OpenMP runtime and the calling
-thread's ``torch.set_num_threads``. Without a compiler, or with
+The source is compiled at first use on the machine that runs it (``tgi_core.kernels``:
+``-march=native``, a per-user cache, torch's OpenMP threads). Without a compiler, or with
 ``TGI_CPU_DECODE_KERNEL=0``, :func:`paged_decode` is None and the backend keeps its
 general path.
 """
@@ -18,78 +15,23 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
+from tgi_core import kernels
 from tgi_core.logging import get_logger
 
 log = get_logger("tgi_core.attention")
 
 #: Set to ``0`` to keep the gather + SDPA decode path (comparisons, debugging).
 ENV_SWITCH = "TGI_CPU_DECODE_KERNEL"
-SOURCE = "paged_decode.cpp"
-# -ffast-math would also link crtfastmath.o, which flushes denormals for the whole
-# process; these are the parts the kernel's loops need to vectorize
-FLAGS = (
-    "-O3",
-    "-fopenmp",
-    "-fno-math-errno",
-    "-fno-trapping-math",
-    "-fno-signed-zeros",
-    "-fassociative-math",
-    "-freciprocal-math",
-    "-shared",
-    "-fPIC",
-)
-
-
-def _cpu_features() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
-def _build(source: str, target: Path, flags: tuple[str, ...]) -> None:
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler ($CXX, c++ or g++)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        cpp, built = Path(scratch) / SOURCE, Path(scratch) / target.name
-        cpp.write_text(source)
-        result = subprocess.run(
-            [compiler, *flags, str(cpp), "-o", str(built)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
-        os.replace(built, target)  # atomic: processes building at once agree
 
 
 def load_kernel(march: str = "native") -> ctypes.CDLL:
-    """The kernel built for ``-march=march`` (from the per-user cache, or built now);
+    """The kernel built for ``-march=march`` (``tgi_core.kernels.load_library``);
     raises ``RuntimeError`` or ``OSError`` when it cannot be built or loaded."""
-    source = (Path(__file__).parent / "kernels" / SOURCE).read_text()
-    flags = (*FLAGS, f"-march={march}")
-    features = _cpu_features() if march == "native" else ""
-    key = hashlib.sha256("\n".join([source, *flags, features]).encode()).hexdigest()
-    cache = Path(os.environ.get("TGI_KERNEL_CACHE") or Path.home() / ".cache/tgi/kernels")
-    target = cache / f"paged_decode-{key[:16]}.so"
-    if not target.exists():
-        _build(source, target, flags)
-    library = ctypes.CDLL(str(target))
+    library = kernels.load_library("paged_decode.cpp", march)
     int64, pointer = ctypes.c_int64, ctypes.c_void_p
     for name in ("tgi_paged_decode_bf16", "tgi_paged_decode_f32"):
         function = getattr(library, name)

@@ -111,7 +111,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().__init__(num_embeddings, embedding_dim, dtype=dtype, tp=tp)
         if bias:
             raise NotImplementedError("an LM head bias is not supported yet")
-        #: a oneDNN-packed copy of the weight (``cpu_gemm``), made on first use and
+        #: a packed copy of the weight (``cpu_gemm``), made on first use and
         #: remade if the weight's storage changes; the embedding keeps the plain weight
         self._packed: tuple[int, torch.Tensor] | None = None
 
@@ -132,7 +132,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         if self.method is not None:
             logits = self.method.logits(hidden_states)
         elif (packed := self._packed_weight()) is not None:
-            logits = cpu_gemm.packed_linear(hidden_states, packed)
+            logits = cpu_gemm.packed_linear(hidden_states, packed, None, self.weight.shape[0])
         else:
             logits = F.linear(hidden_states, self.weight)
         if self.tp.world_size == 1:

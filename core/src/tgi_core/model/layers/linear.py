@@ -52,7 +52,8 @@ class LinearMethod(Protocol):
 
 class UnquantizedLinearMethod:
     """The default: a float weight of shape ``[out, in]`` and ``F.linear``; on a CPU with
-    native bf16, a bf16 weight is packed for oneDNN once loaded (``cpu_gemm``)."""
+    native bf16, a bf16 weight is packed once loaded, for the AMX kernel or oneDNN
+    (``cpu_gemm``)."""
 
     def create_weights(self, layer: LinearBase, dtype: torch.dtype) -> None:
         shape = (layer.output_size_per_partition, layer.input_size_per_partition)
@@ -60,7 +61,7 @@ class UnquantizedLinearMethod:
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if layer.weight_packed:  # not weight.is_mkldnn: a compiled graph cannot see it
-            return cpu_gemm.packed_linear(x, layer.weight, bias)
+            return cpu_gemm.packed_linear(x, layer.weight, bias, layer.output_size_per_partition)
         return F.linear(x, layer.weight, bias)
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:

@@ -7,7 +7,8 @@
   effect, which is safe because each layer's attention depends on the previous layer's
   output, so inductor cannot reorder them;
 - ``tgi::packed_linear``: a oneDNN-packed bf16 weight is an opaque tensor that
-  inductor's own lowering of ``_linear_pointwise`` cannot read.
+  inductor's own lowering of ``_linear_pointwise`` cannot read;
+- ``tgi::amx_linear``: this project's AMX GEMM kernel (``amx_gemm``), a ctypes call.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def current_batch(batch: Any) -> Iterator[None]:
 _library = torch.library.Library("tgi", "DEF")
 _library.define("attention(Tensor q, Tensor? k, Tensor? v, int layer_key) -> Tensor")
 _library.define("packed_linear(Tensor x, Tensor packed, Tensor? bias) -> Tensor")
+_library.define("amx_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor")
 
 
 def _attention_impl(
@@ -72,7 +74,18 @@ def _packed_linear_impl(
 
 
 _library.impl("attention", _attention_impl, "CompositeExplicitAutograd")
+
+
+def _amx_linear_impl(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    from tgi_core.model.layers import amx_gemm  # amx_gemm -> kernels; no cycle at import
+
+    return amx_gemm.linear(x, packed, bias, out_features)
+
+
 _library.impl("packed_linear", _packed_linear_impl, "CompositeExplicitAutograd")
+_library.impl("amx_linear", _amx_linear_impl, "CompositeExplicitAutograd")
 
 
 def _attention_fake(
@@ -88,7 +101,16 @@ def _packed_linear_fake(
 
 
 torch.library.register_fake("tgi::attention", _attention_fake)
+
+
+def _amx_linear_fake(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 torch.library.register_fake("tgi::packed_linear", _packed_linear_fake)
+torch.library.register_fake("tgi::amx_linear", _amx_linear_fake)
 
 
 def attention(
@@ -102,4 +124,12 @@ def attention(
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A bf16 ``x`` times a oneDNN-packed weight (``cpu_gemm.pack``)."""
     out: torch.Tensor = torch.ops.tgi.packed_linear(x, packed, bias)
+    return out
+
+
+def amx_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    """A bf16 ``x`` times an AMX-packed weight (``amx_gemm.pack``)."""
+    out: torch.Tensor = torch.ops.tgi.amx_linear(x, packed, bias, out_features)
     return out

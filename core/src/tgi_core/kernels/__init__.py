@@ -1,0 +1,82 @@
+"""C++ kernels for the CPU, compiled on the machine that runs them, at first use.
+
+Each ``*.cpp`` here is a plain C-ABI library (no torch headers, so a build takes a
+second or two, not minutes). :func:`load_library` compiles it with ``-O3
+-march=native -fopenmp`` (by ``$CXX``, ``c++`` or ``g++``) into a per-user cache
+(``$TGI_KERNEL_CACHE``, default ``~/.cache/tgi/kernels``), keyed by the source, the
+flags and the CPU's features, and loads it with ctypes after torch: it shares torch's
+OpenMP runtime, so its parallel regions use the calling thread's
+``torch.set_num_threads``, and ctypes releases the GIL around each call.
+
+Callers treat a failed build as "kernel unavailable" and keep a PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+# -ffast-math would also link crtfastmath.o, which flushes denormals for the whole
+# process; these are the parts the kernels' loops need to vectorize
+FLAGS = (
+    "-O3",
+    "-fopenmp",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fno-signed-zeros",
+    "-fassociative-math",
+    "-freciprocal-math",
+    "-shared",
+    "-fPIC",
+)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _build(source_name: str, source: str, target: Path, flags: tuple[str, ...]) -> None:
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler ($CXX, c++ or g++)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        cpp, built = Path(scratch) / source_name, Path(scratch) / target.name
+        cpp.write_text(source)
+        result = subprocess.run(
+            [compiler, *flags, str(cpp), "-o", str(built)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+        os.replace(built, target)  # atomic: processes building at once agree
+
+
+def load_library(source_name: str, march: str = "native") -> ctypes.CDLL:
+    """The library built from ``source_name`` (a file in this package) for
+    ``-march=march``, from the per-user cache or built now; raises ``RuntimeError`` or
+    ``OSError`` when it cannot be built or loaded. Declaring the functions' argument
+    types is the caller's job."""
+    source = (Path(__file__).parent / source_name).read_text()
+    flags = (*FLAGS, f"-march={march}")
+    features = " ".join(sorted(cpu_flags())) if march == "native" else ""
+    key = hashlib.sha256("\n".join([source, *flags, features]).encode()).hexdigest()
+    cache = Path(os.environ.get("TGI_KERNEL_CACHE") or Path.home() / ".cache/tgi/kernels")
+    target = cache / f"{Path(source_name).stem}-{key[:16]}.so"
+    if not target.exists():
+        _build(source_name, source, target, flags)
+    return ctypes.CDLL(str(target))

@@ -1,0 +1,132 @@
+"""bf16 linear layers on Intel AMX through this project's kernel (``kernels/amx_gemm.cpp``).
+
+At decode batch sizes a linear layer streams its weight from memory; the kernel reads
+it in its stored order with prefetching, where oneDNN's matmul on the same machine
+reached about half the memory bandwidth (docs/benchmarks.md has the measurements). It
+applies to a bfloat16 ``[out, in]`` weight whose ``in`` is a multiple of 32, on a CPU
+with AMX (``amx_bf16``) whose kernel grants the tile state; ``TGI_CPU_AMX_GEMM=0``
+turns it off (``cpu_gemm`` then packs for oneDNN).
+
+A packed weight is a plain bf16 tensor of shape ``[tiles, k_steps, 16, 16, 2]``: the
+rows padded with zeros to a multiple of 32, and cut into the 1 KB blocks (32 input by 16
+output features) that one AMX multiply reads. Its five dimensions tell it apart from an
+unpacked or oneDNN-packed weight; the number of output features travels separately.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import torch
+
+from tgi_core import kernels
+from tgi_core.logging import get_logger
+
+log = get_logger("tgi_core.model")
+
+#: Set to ``0`` to use oneDNN for packed bf16 weights instead (comparisons, debugging).
+ENV_SWITCH = "TGI_CPU_AMX_GEMM"
+#: input features per AMX step (the kernel's K granularity) and output features per block
+K_STEP, N_BLOCK = 32, 32
+
+
+def load_kernel(march: str = "native") -> ctypes.CDLL:
+    """The kernel library built for ``-march=march``; raises ``RuntimeError`` or
+    ``OSError`` when it cannot be built or loaded. It exports ``tgi_amx_available()``
+    (whether it was built with AMX) and ``tgi_amx_init()`` (0 once the OS grants AMX)."""
+    library = kernels.load_library("amx_gemm.cpp", march)
+    library.tgi_amx_available.restype = ctypes.c_int
+    library.tgi_amx_init.restype = ctypes.c_int
+    pointer, int64 = ctypes.c_void_p, ctypes.c_int64
+    library.tgi_amx_linear_bf16.argtypes = [pointer, int64, int64, pointer, int64, pointer, pointer]
+    library.tgi_amx_linear_bf16.restype = None
+    return library
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    if not {"amx_bf16", "amx_tile", "avx512_bf16"} <= kernels.cpu_flags():
+        return None
+    try:
+        library = load_kernel()
+    except (OSError, RuntimeError) as exc:
+        log.warning("AMX GEMM kernel unavailable; using oneDNN", error=str(exc))
+        return None
+    if not library.tgi_amx_available() or library.tgi_amx_init() != 0:
+        log.warning("AMX GEMM kernel unavailable: the compiler or the OS does not enable AMX")
+        return None
+    return library
+
+
+def available() -> bool:
+    """Whether :func:`linear` can run here (building the kernel if needed)."""
+    return _library() is not None
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` (``[out, in]``) can be packed for :func:`linear` here."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and weight.dim() == 2
+        and not weight.is_mkldnn
+        and weight.shape[1] % K_STEP == 0
+        and weight.shape[1] > 0
+        and available()
+    )
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` ``[N, K]`` (bf16, ``K % 32 == 0``) in the kernel's tile layout:
+    ``[N_pad / 16, K / 32, 16 k-pairs, 16 columns, 2]`` with ``N_pad`` the multiple of 32
+    at or above ``N`` (the padding is zeros)."""
+    rows, cols = weight.shape
+    padded_rows = -(-rows // N_BLOCK) * N_BLOCK
+    padded = weight.detach().new_zeros(padded_rows, cols)
+    padded[:rows] = weight.detach()
+    tiles = padded.view(padded_rows // 16, 16, cols // K_STEP, 16, 2)
+    return tiles.permute(0, 2, 3, 1, 4).contiguous()
+
+
+def unpack(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The ``[out_features, K]`` weight that :func:`pack` packed (tests, debugging)."""
+    tiles, k_steps = packed.shape[:2]
+    full = packed.permute(0, 3, 1, 2, 4).reshape(tiles * 16, k_steps * K_STEP)
+    return full[:out_features]
+
+
+def is_packed(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is in :func:`pack`'s layout."""
+    return weight.dim() == 5
+
+
+def linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for ``packed = pack(W)``; ``x`` ``[..., K]`` in bf16, the
+    result ``[..., out_features]`` in bf16 (float32 accumulation, rounded once)."""
+    library = _library()
+    assert library is not None, "amx_gemm.available() is False"
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"amx_gemm.linear: x is {x.dtype}, not bfloat16")
+    k = packed.shape[1] * K_STEP
+    if x.shape[-1] != k:
+        raise ValueError(f"amx_gemm.linear: x has {x.shape[-1]} features, the weight {k}")
+    rows = x.reshape(-1, k).contiguous()
+    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
+    if rows.shape[0]:
+        bias_data = None if bias is None else bias.to(torch.bfloat16).contiguous()
+        library.tgi_amx_linear_bf16(
+            rows.data_ptr(),
+            rows.shape[0],
+            k,
+            packed.data_ptr(),
+            out_features,
+            None if bias_data is None else bias_data.data_ptr(),
+            out.data_ptr(),
+        )
+    return out.view(*x.shape[:-1], out_features)
