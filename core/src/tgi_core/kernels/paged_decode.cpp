@@ -1,7 +1,7 @@
 // Paged decode attention on CPU: one query token per sequence over its cached keys and
 // values, read in place from the paged cache (no gathered copy).
 //
-// Built at first use by tgi_core/attention/native.py (g++ -O3 -march=native -fopenmp)
+// Built at first use by tgi_core/kernels (g++ -O3 -march=native -fopenmp)
 // and called through ctypes, which releases the GIL. Layouts: q and out [S, H, D]; each
 // cache [slots, Hkv, D] (slot = block * block_size + offset); block_tables [S,
 // max_blocks]; seq_lens [S]. The query heads h * G .. h * G + G - 1 share key/value head
@@ -29,7 +29,7 @@ inline const T* cache_row(const T* cache, const int64_t* table, int64_t l, int64
   return cache + (table[l / block_size] * block_size + l % block_size) * stride;
 }
 
-constexpr int64_t kAhead = 8;  // positions prefetched ahead
+constexpr int64_t kAhead = 16;  // positions prefetched ahead
 
 // The blocks of a sequence are scattered through the cache: fetch ``bytes`` of the row
 // kAhead positions after l (from ``offset`` elements into it) while l is computed.
@@ -70,13 +70,64 @@ inline float exp_nonpositive(float x) {
 
 #if defined(__AVX512BF16__)
 constexpr bool kBf16Dot = true;
-// q . k of two bf16 vectors (D a multiple of 32): exact products, float32 sums
-inline float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t D) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; d += 32)
-    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + d),
-                           (__m512bh)_mm512_loadu_si512(b + d));
-  return _mm512_reduce_add_ps(acc);
+// [sum(v[0]), ..., sum(v[15])]: the horizontal sums of 16 vectors in 45 instructions
+// (pairs, then quads, then across the 128-bit lanes), not 16 separate reductions
+inline __m512 sum16(__m512* v) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i)
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // each 128-bit lane of quads[i] holds four vectors' partial sums over that lane
+  auto fold = [](__m512 a, __m512 b) {
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xdd));
+  };
+  return fold(fold(quads[0], quads[1]), fold(quads[2], quads[3]));
+}
+
+// scores[j * len + l0 + i] = scale * q_j . k_(l0 + i) for the n < 16 rows (kN: exactly 16,
+// unrolled into registers), every query head j < count; the key/value head of j is
+// at (j / G) * D in each row. bf16 products (exact), float32 sums.
+template <int kN>
+inline void score_rows(const uint16_t* q, const uint16_t* const* rows, int n, int64_t G,
+                       int64_t D, int64_t count, __m512 scale, float* scores, int64_t len) {
+  const int rows_here = kN ? kN : n;
+  for (int64_t j = 0; j < count; ++j) {
+    const uint16_t* qj = q + j * D;
+    const int64_t head = (j / G) * D;
+    __m512 acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      const __m512bh qv = (__m512bh)_mm512_loadu_si512(qj + d);
+      for (int i = 0; i < rows_here; ++i)
+        acc[i] = _mm512_dpbf16_ps(acc[i], qv, (__m512bh)_mm512_loadu_si512(rows[i] + head + d));
+    }
+    const __mmask16 mask = static_cast<__mmask16>((1u << rows_here) - 1);
+    _mm512_mask_storeu_ps(scores + j * len, mask, _mm512_mul_ps(sum16(acc), scale));
+  }
+}
+
+// All of a sequence's scores, 16 positions at a time, so the dot products need no
+// horizontal reduction each (``sum16``); kv_offset: the first key/value head's column
+inline void score_bf16(const uint16_t* q, const uint16_t* k_cache, const int64_t* table,
+                       int64_t len, int64_t G, int64_t D, int64_t block_size, int64_t stride,
+                       int64_t kv_offset, int64_t count, float scale, float* scores) {
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  for (int64_t l0 = 0; l0 < len; l0 += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, len - l0));
+    const uint16_t* rows[16];
+    for (int i = 0; i < n; ++i) {
+      rows[i] = cache_row(k_cache, table, l0 + i, block_size, stride) + kv_offset;
+      prefetch_ahead(k_cache, table, l0 + i, len, block_size, stride, kv_offset,
+                     (count / G) * D * 2);
+    }
+    if (n == 16) score_rows<16>(q, rows, n, G, D, count, scale_v, scores + l0, len);
+    else score_rows<0>(q, rows, n, G, D, count, scale_v, scores + l0, len);
+  }
 }
 
 inline __m512 load_bf16(const uint16_t* x) {
@@ -88,13 +139,14 @@ inline __m512 load_bf16(const uint16_t* x) {
 // registers; v_l read from the cache once for the GT heads
 template <int64_t D, int GT>
 void weighted_values(const uint16_t* v_cache, const int64_t* table, int64_t len,
-                     int64_t block_size, int64_t stride, const float* p, float* out) {
+                     int64_t block_size, int64_t stride, const float* p, float* out,
+                     int64_t prefetch_bytes) {
   __m512 acc[GT][D / 16];
   for (int g = 0; g < GT; ++g)
     for (int c = 0; c < D / 16; ++c) acc[g][c] = _mm512_setzero_ps();
   for (int64_t l = 0; l < len; ++l) {
     const uint16_t* v = cache_row(v_cache, table, l, block_size, stride);
-    prefetch_ahead(v_cache, table, l, len, block_size, stride, 0, D * 2);
+    prefetch_ahead(v_cache, table, l, len, block_size, stride, 0, prefetch_bytes);
     __m512 row[D / 16];
     for (int c = 0; c < D / 16; ++c) row[c] = load_bf16(v + 16 * c);
     for (int g = 0; g < GT; ++g) {
@@ -109,24 +161,26 @@ void weighted_values(const uint16_t* v_cache, const int64_t* table, int64_t len,
 template <int64_t D>
 void weighted_values_any(const uint16_t* v_cache, const int64_t* table, int64_t len,
                          int64_t block_size, int64_t stride, const float* p, float* out,
-                         int64_t count) {
+                         int64_t count, int64_t prefetch_bytes) {
   constexpr int kTile = D <= 64 ? 4 : 2;  // accumulators that fit the 32 registers
   for (int64_t g = 0; g < count; g += kTile) {
     const int64_t n = std::min<int64_t>(kTile, count - g);
     const float* pg = p + g * len;
     float* og = out + g * D;
-    if (n == 4) weighted_values<D, 4>(v_cache, table, len, block_size, stride, pg, og);
-    else if (n == 3) weighted_values<D, 3>(v_cache, table, len, block_size, stride, pg, og);
-    else if (n == 2) weighted_values<D, 2>(v_cache, table, len, block_size, stride, pg, og);
-    else weighted_values<D, 1>(v_cache, table, len, block_size, stride, pg, og);
+    const int64_t pf = prefetch_bytes;
+    if (n == 4) weighted_values<D, 4>(v_cache, table, len, block_size, stride, pg, og, pf);
+    else if (n == 3) weighted_values<D, 3>(v_cache, table, len, block_size, stride, pg, og, pf);
+    else if (n == 2) weighted_values<D, 2>(v_cache, table, len, block_size, stride, pg, og, pf);
+    else weighted_values<D, 1>(v_cache, table, len, block_size, stride, pg, og, pf);
   }
 }
 #else  // never called: the branches that would are discarded at compile time
 constexpr bool kBf16Dot = false;
-inline float dot_bf16(const uint16_t*, const uint16_t*, int64_t) { return 0.f; }
+inline void score_bf16(const uint16_t*, const uint16_t*, const int64_t*, int64_t, int64_t,
+                       int64_t, int64_t, int64_t, int64_t, int64_t, float, float*) {}
 template <int64_t D>
 void weighted_values_any(const uint16_t*, const int64_t*, int64_t, int64_t, int64_t,
-                         const float*, float*, int64_t) {}
+                         const float*, float*, int64_t, int64_t) {}
 #endif
 
 inline void from_float(float x, float* out) { *out = x; }
@@ -150,12 +204,8 @@ void score(const T* q, const T* k_cache, const int64_t* table, int64_t len, int6
   const int64_t D = FixedD ? FixedD : AnyD, stride = Hkv * D;
   if constexpr (std::is_same_v<T, uint16_t> && kBf16Dot) {
     if (D % 32 == 0) {  // bf16 dot products straight from the cache (AVX-512 BF16)
-      for (int64_t l = 0; l < len; ++l) {
-        const T* k = cache_row(k_cache, table, l, block_size, stride) + h0 * D;
-        prefetch_ahead(k_cache, table, l, len, block_size, stride, h0 * D, heads * D * 2);
-        for (int64_t j = 0; j < heads * G; ++j)
-          scores[j * len + l] = dot_bf16(q + j * D, k + (j / G) * D, D) * scale;
-      }
+      score_bf16(q, k_cache, table, len, G, D, block_size, stride, h0 * D, heads * G, scale,
+                 scores);
       return;
     }
   }
@@ -200,9 +250,12 @@ void weigh(const T* v_cache, const int64_t* table, int64_t len, int64_t G, int64
            float* row, float* acc) {
   const int64_t D = FixedD ? FixedD : AnyD, stride = Hkv * D;
   if constexpr (std::is_same_v<T, uint16_t> && kBf16Dot && (FixedD == 64 || FixedD == 128)) {
-    for (int64_t h = 0; h < heads; ++h)  // accumulators in registers (AVX-512)
+    // accumulators in registers (AVX-512), one key/value head at a time; the first
+    // pass prefetches the whole rows of the item's heads, later passes find them in L2
+    for (int64_t h = 0; h < heads; ++h)
       weighted_values_any<FixedD>(v_cache + (h0 + h) * D, table, len, block_size, stride,
-                                  weights + h * G * len, acc + h * G * D, G);
+                                  weights + h * G * len, acc + h * G * D, G,
+                                  h == 0 ? heads * D * 2 : D * 2);
     return;
   }
   std::fill(acc, acc + heads * G * D, 0.f);
