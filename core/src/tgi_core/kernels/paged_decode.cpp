@@ -49,6 +49,18 @@ inline float to_float(uint16_t x) {
   std::memcpy(&f, &bits, 4);
   return f;
 }
+inline void from_float(float x, float* out) { *out = x; }
+inline void from_float(float x, uint16_t* out) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    *out = 0x7fc0;  // NaN
+    return;
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
+  *out = static_cast<uint16_t>(bits >> 16);
+}
+
 // exp(x) for x <= 0 (scores minus their max), vectorizable: 2^n * e^r with |r| <= ln2/2
 // and Cephes' polynomial for e^r (about 1 ulp); under -87 it returns ~0, as expf does.
 inline float exp_nonpositive(float x) {
@@ -174,6 +186,115 @@ void weighted_values_any(const uint16_t* v_cache, const int64_t* table, int64_t 
     else weighted_values<D, 1>(v_cache, table, len, block_size, stride, pg, og, pf);
   }
 }
+// e^x for x <= 0, 16 lanes: exp_nonpositive's polynomial, vectorized
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(
+      _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
+                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+// acc[g] = acc[g] * rescale[g] + sum_i p[g * 16 + i] * v_i for GT query heads sharing a
+// value head, over the n rows of one 16-position block; accumulators in registers
+template <int64_t D, int GT>
+inline void weigh_block(float* acc, const float* p, const float* rescale,
+                        const uint16_t* const* rows, int64_t offset, int n) {
+  __m512 a[GT][D / 16];
+  for (int g = 0; g < GT; ++g) {
+    const __m512 factor = _mm512_set1_ps(rescale[g]);
+    for (int c = 0; c < D / 16; ++c) a[g][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + g * D + 16 * c), factor);
+  }
+  for (int i = 0; i < n; ++i) {
+    __m512 row[D / 16];
+    for (int c = 0; c < D / 16; ++c) row[c] = load_bf16(rows[i] + offset + 16 * c);
+    for (int g = 0; g < GT; ++g) {
+      const __m512 weight = _mm512_set1_ps(p[g * 16 + i]);
+      for (int c = 0; c < D / 16; ++c) a[g][c] = _mm512_fmadd_ps(weight, row[c], a[g][c]);
+    }
+  }
+  for (int g = 0; g < GT; ++g)
+    for (int c = 0; c < D / 16; ++c) _mm512_storeu_ps(acc + g * D + 16 * c, a[g][c]);
+}
+
+// One work item in a single pass over the positions, 16 at a time (flash-decoding):
+// each block's keys and values are read together, its scores folded into a running
+// max and sum per query head (the accumulated values rescaled when the max grows).
+// scratch: count * (D + 19) floats, count = query heads of the item.
+template <int64_t D>
+void attend_blocks(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                   const int64_t* table, int64_t len, uint16_t* out, int64_t G, int64_t Hkv,
+                   int64_t block_size, float scale, int64_t h0, int64_t heads, float* scratch) {
+  const int64_t count = heads * G, stride = Hkv * D, kv_offset = h0 * D;
+  float* acc = scratch;               // [count][D]
+  float* p = acc + count * D;         // [count][16]: one block's scores, then weights
+  float* running_max = p + count * 16;
+  float* total = running_max + count;
+  float* rescale = total + count;
+  std::fill(acc, acc + count * D, 0.f);
+  std::fill(running_max, running_max + count, -INFINITY);
+  std::fill(total, total + count, 0.f);
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  const int64_t row_bytes = heads * D * 2;
+  for (int64_t l0 = 0; l0 < len; l0 += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, len - l0));
+    const uint16_t* k_rows[16];
+    const uint16_t* v_rows[16];
+    for (int i = 0; i < n; ++i) {
+      const int64_t slot = table[(l0 + i) / block_size] * block_size + (l0 + i) % block_size;
+      k_rows[i] = k_cache + slot * stride + kv_offset;
+      v_rows[i] = v_cache + slot * stride;
+      prefetch_ahead(k_cache, table, l0 + i, len, block_size, stride, kv_offset, row_bytes);
+      prefetch_ahead(v_cache, table, l0 + i, len, block_size, stride, kv_offset, row_bytes);
+    }
+    if (n == 16) score_rows<16>(q, k_rows, n, G, D, count, scale_v, p, 16);
+    else score_rows<0>(q, k_rows, n, G, D, count, scale_v, p, 16);
+    const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
+    for (int64_t j = 0; j < count; ++j) {
+      const __m512 scores = _mm512_maskz_loadu_ps(valid, p + j * 16);
+      const float block_max = _mm512_mask_reduce_max_ps(valid, scores);
+      const float new_max = std::max(running_max[j], block_max);
+      rescale[j] = std::exp(running_max[j] - new_max);  // 0 for the first block
+      const __m512 weights =
+          _mm512_maskz_mov_ps(valid, exp_nonpositive(_mm512_sub_ps(scores, _mm512_set1_ps(new_max))));
+      _mm512_storeu_ps(p + j * 16, weights);
+      total[j] = total[j] * rescale[j] + _mm512_reduce_add_ps(weights);
+      running_max[j] = new_max;
+    }
+    constexpr int kTile = D <= 64 ? 4 : 2;  // accumulators that fit the 32 registers
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t offset = (h0 + h) * D;
+      for (int64_t g = 0; g < G; g += kTile) {
+        const int64_t j = h * G + g;
+        float* a = acc + j * D;
+        const float* pj = p + j * 16;
+        const float* rj = rescale + j;
+        switch (std::min<int64_t>(kTile, G - g)) {
+          case 4: weigh_block<D, (kTile >= 4 ? 4 : 1)>(a, pj, rj, v_rows, offset, n); break;
+          case 3: weigh_block<D, (kTile >= 3 ? 3 : 1)>(a, pj, rj, v_rows, offset, n); break;
+          case 2: weigh_block<D, 2>(a, pj, rj, v_rows, offset, n); break;
+          default: weigh_block<D, 1>(a, pj, rj, v_rows, offset, n);
+        }
+      }
+    }
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    const float inverse = 1.f / total[j];
+    for (int64_t d = 0; d < D; ++d) from_float(acc[j * D + d] * inverse, out + j * D + d);
+  }
+}
+
 #else  // never called: the branches that would are discarded at compile time
 constexpr bool kBf16Dot = false;
 inline void score_bf16(const uint16_t*, const uint16_t*, const int64_t*, int64_t, int64_t,
@@ -181,19 +302,11 @@ inline void score_bf16(const uint16_t*, const uint16_t*, const int64_t*, int64_t
 template <int64_t D>
 void weighted_values_any(const uint16_t*, const int64_t*, int64_t, int64_t, int64_t,
                          const float*, float*, int64_t, int64_t) {}
+template <int64_t D>
+void attend_blocks(const uint16_t*, const uint16_t*, const uint16_t*, const int64_t*, int64_t,
+                   uint16_t*, int64_t, int64_t, int64_t, float, int64_t, int64_t, float*) {}
 #endif
 
-inline void from_float(float x, float* out) { *out = x; }
-inline void from_float(float x, uint16_t* out) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) {
-    *out = 0x7fc0;  // NaN
-    return;
-  }
-  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
-  *out = static_cast<uint16_t>(bits >> 16);
-}
 
 // scores[j * len + l] = scale * q_j . k_l for the query heads j of key/value heads
 // [h0, h0 + heads) (G per key/value head) and the sequence's positions l < len.
@@ -278,9 +391,14 @@ template <typename T, int64_t FixedD>
 void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t len,
             T* out, int64_t H, int64_t Hkv, int64_t AnyD, int64_t block_size, float scale,
             int64_t h0, int64_t h1, float* qf, float* scores, float* acc, float* row,
-            float* inv_total) {
+            float* inv_total, float* block_scratch) {
   const int64_t D = FixedD ? FixedD : AnyD;
   const int64_t G = H / Hkv, heads = h1 - h0, first = h0 * G * D;
+  if constexpr (std::is_same_v<T, uint16_t> && kBf16Dot && (FixedD == 64 || FixedD == 128)) {
+    attend_blocks<FixedD>(q + first, k_cache, v_cache, table, len, out + first, G, Hkv,
+                          block_size, scale, h0, heads, block_scratch);
+    return;
+  }
   score<T, FixedD>(q + first, k_cache, table, len, G, Hkv, D, block_size, scale, h0, heads, qf,
                    row, scores);
   softmax_rows(scores, heads * G, len, inv_total);
@@ -302,12 +420,14 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* block
 #pragma omp parallel
   {
     std::vector<float> qf(H * D), scores(H * max_len), acc(H * D), row(Hkv * D), inv(H);
+    std::vector<float> block_scratch(H * (D + 19));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < S * split; ++item) {
       const int64_t s = item / split, h0 = (item % split) * heads;
       attend<T, FixedD>(q + s * H * D, k_cache, v_cache, block_tables + s * max_blocks,
                         seq_lens[s], out + s * H * D, H, Hkv, D, block_size, scale, h0,
-                        h0 + heads, qf.data(), scores.data(), acc.data(), row.data(), inv.data());
+                        h0 + heads, qf.data(), scores.data(), acc.data(), row.data(), inv.data(),
+                        block_scratch.data());
     }
   }
 }
