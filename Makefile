@@ -56,6 +56,7 @@ bench: install
 	$(PY) benchmarks/dtype_choice.py --write docs/benchmarks.md
 	$(PY) benchmarks/load_memory.py --write docs/benchmarks.md
 	$(PY) benchmarks/model_step.py --write docs/benchmarks.md
+	$(PY) benchmarks/linear_chain.py --write docs/benchmarks.md
 	$(PY) benchmarks/engine_throughput.py --write docs/benchmarks.md
 	$(PY) benchmarks/t5_throughput.py --write docs/benchmarks.md
 	$(PY) benchmarks/served_vs_transformers.py --write docs/benchmarks.md
