@@ -125,3 +125,39 @@ def test_without_the_kernel_it_is_unavailable(monkeypatch, tmp_path, setting) ->
         monkeypatch.undo()
         native._library.cache_clear()
     assert paged_decode_available()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sequences", [2, 6])  # per key/value head items, whole sequences
+def test_kernel_writes_the_new_tokens_then_attends(dtype, sequences) -> None:
+    """With ``new``, the step's keys and values (strided rows of a fused projection, as
+    the models produce them) land at their slots, each sequence's last position, and the
+    result is the one of a cache write followed by the kernel, to the bit."""
+    lengths = [3 + 7 * i for i in range(sequences)]
+    q, keys, values, tables, lengths_t = scenario(
+        4, heads=9, kv_heads=3, head_dim=64, block_size=4, lengths=lengths, dtype=dtype
+    )
+    fused = torch.randn(sequences, 15, 64).to(dtype)  # [q | k | v] heads of a QKV layer
+    k, v = fused[:, 9:12], fused[:, 12:15]
+    last = lengths_t - 1
+    slots = tables[torch.arange(sequences), last // 4] * 4 + last % 4
+    written_keys, written_values = keys.clone(), values.clone()
+    written_keys[slots], written_values[slots] = k, v
+    expected = paged_decode(q, written_keys, written_values, tables, lengths_t, 4, 0.125)
+
+    got = paged_decode(q, keys, values, tables, lengths_t, 4, 0.125, new=(k, v, slots))
+    assert torch.equal(keys, written_keys) and torch.equal(values, written_values)
+    assert torch.equal(got, expected)
+
+
+def test_a_new_token_outside_the_cache_is_refused_before_anything_is_written() -> None:
+    q, keys, values, tables, lengths = scenario(
+        5, heads=2, kv_heads=1, head_dim=64, block_size=4, lengths=[3, 2], dtype=torch.bfloat16
+    )
+    k = v = torch.ones(2, 1, 64, dtype=torch.bfloat16)
+    before = keys.clone()
+    for bad in (keys.shape[0], -1):
+        slots = torch.tensor([0, bad])
+        with pytest.raises(IndexError):
+            paged_decode(q, keys, values, tables, lengths, 4, 0.125, new=(k, v, slots))
+        assert torch.equal(keys, before)

@@ -36,7 +36,8 @@ def load_kernel(march: str = "native") -> ctypes.CDLL:
     for name in ("tgi_paged_decode_bf16", "tgi_paged_decode_f32"):
         function = getattr(library, name)
         function.argtypes = [pointer] * 6 + [int64] * 6 + [ctypes.c_float]
-        function.restype = None
+        function.argtypes += [pointer] * 3 + [int64] * 3
+        function.restype = ctypes.c_int
     return library
 
 
@@ -65,6 +66,7 @@ def paged_decode(
     block_size: int,
     scale: float,
     *,
+    new: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     library: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence over its cached positions ``[0, seq_len)``.
@@ -72,6 +74,10 @@ def paged_decode(
     ``q`` ``[S, H, D]`` in the cache's dtype (bfloat16 or float32); caches ``[slots,
     Hkv, D]``; ``block_tables`` ``[S, max_blocks]`` and ``seq_lens`` ``[S]`` int64 (every
     length at least 1, covered by its table). Returns ``[S, H, D]`` in ``q``'s dtype.
+    ``new = (k, v, slots)``: the step's new keys and values ``[S, Hkv, D]`` (any row
+    stride; see :func:`can_write_new`), which the kernel writes to the caches at
+    ``slots`` ``[S]`` before attending (one call instead of a cache write and a
+    kernel call); a slot outside the cache raises ``IndexError``, writing nothing.
     Call only where :func:`paged_decode_available` (or pass a ``library`` from
     :func:`load_kernel`).
     """
@@ -91,7 +97,14 @@ def paged_decode(
     function = (
         library.tgi_paged_decode_bf16 if q.dtype == torch.bfloat16 else library.tgi_paged_decode_f32
     )
-    function(
+    new_rows: tuple[int | None, int | None, int | None, int, int] = (None, None, None, 0, 0)
+    if new is not None:
+        k, v, slots = new
+        assert can_write_new(k, v, key_cache) and slots.shape == (num_seqs,)
+        assert slots.dtype == torch.int64
+        slots = slots.contiguous()
+        new_rows = (k.data_ptr(), v.data_ptr(), slots.data_ptr(), k.stride(0), v.stride(0))
+    status = function(
         q.data_ptr(),
         key_cache.data_ptr(),
         value_cache.data_ptr(),
@@ -105,5 +118,23 @@ def paged_decode(
         block_size,
         tables.shape[1],
         scale,
+        *new_rows,
+        key_cache.shape[0],
     )
+    if status:
+        raise IndexError(f"paged_decode: a new token's slot is outside the {key_cache.shape[0]}")
     return out
+
+
+def can_write_new(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor) -> bool:
+    """Whether :func:`paged_decode` can write ``k`` / ``v`` (``[S, Hkv, D]``) to ``cache``
+    itself: the cache's dtype, on the CPU, each row dense (rows may be strided)."""
+    return all(
+        new.dtype == cache.dtype
+        and new.device.type == "cpu"
+        and new.dim() == 3
+        and new.shape[1:] == cache.shape[1:]
+        and new.stride(2) == 1
+        and new.stride(1) == new.shape[2]
+        for new in (k, v)
+    )

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from tgi_core.attention.backend import AttentionBackend
 from tgi_core.attention.batch import ForwardBatch, slots_for
-from tgi_core.attention.native import paged_decode, paged_decode_available
+from tgi_core.attention.native import can_write_new, paged_decode, paged_decode_available
 from tgi_core.model.base import cpu_has_native_bf16
 from tgi_core.model.layers.attention import Attention
 
@@ -229,9 +229,22 @@ class SdpaBackend(AttentionBackend):
             return self._cross(layer, q, batch)
         assert k is not None and v is not None
         cache = batch.kv_cache
-        cache.write(layer.layer_index, batch.slot_mapping, k, v)
         keys, values = cache.keys[layer.layer_index], cache.values[layer.layer_index]
         plan: _Plan = batch.state
+        if (
+            plan.decode_only
+            and plan.decodes is not None
+            and self._kernel_applies(layer, keys.dtype)
+            and can_write_new(k, v, keys)
+        ):  # the kernel writes the new keys and values itself, then attends
+            d = plan.decodes
+            new = (k, v, batch.slot_mapping)
+            out = paged_decode(
+                q.to(keys.dtype), keys, values, d.block_tables, d.lengths, d.block_size,
+                layer.scale, new=new,
+            )  # fmt: skip
+            return out.to(q.dtype).flatten(1)
+        cache.write(layer.layer_index, batch.slot_mapping, k, v)
         gqa = layer.num_kv_heads != layer.num_heads
         dtype = self._compute_dtype(layer, keys.dtype)
         if plan.decode_only:  # the common case: one token per sequence, in order

@@ -407,10 +407,20 @@ void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
     for (int64_t d = 0; d < D; ++d) from_float(acc[j * D + d] * inv_total[j], out + first + j * D + d);
 }
 
+// The step's new key and value rows, written to their slots by the kernel itself just
+// before each sequence attends (row s of k at k + s * k_stride elements, dense inside).
+template <typename T>
+struct NewRows {
+  const T* k;
+  const T* v;
+  const int64_t* slots;
+  int64_t k_stride, v_stride;
+};
+
 template <typename T, int64_t FixedD>
-void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
+void decode(const T* q, T* k_cache, T* v_cache, const int64_t* block_tables,
             const int64_t* seq_lens, T* out, int64_t S, int64_t H, int64_t Hkv, int64_t D,
-            int64_t block_size, int64_t max_blocks, float scale) {
+            int64_t block_size, int64_t max_blocks, float scale, const NewRows<T>* new_rows) {
   int64_t max_len = 1;
   for (int64_t s = 0; s < S; ++s) max_len = std::max(max_len, seq_lens[s]);
   // whole sequences (every head reads each cached row once, in order) when there are
@@ -424,6 +434,11 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* block
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < S * split; ++item) {
       const int64_t s = item / split, h0 = (item % split) * heads;
+      if (new_rows != nullptr) {  // this item's heads of the sequence's new token
+        const int64_t at = new_rows->slots[s] * Hkv * D + h0 * D;
+        std::memcpy(k_cache + at, new_rows->k + s * new_rows->k_stride + h0 * D, heads * D * sizeof(T));
+        std::memcpy(v_cache + at, new_rows->v + s * new_rows->v_stride + h0 * D, heads * D * sizeof(T));
+      }
       attend<T, FixedD>(q + s * H * D, k_cache, v_cache, block_tables + s * max_blocks,
                         seq_lens[s], out + s * H * D, H, Hkv, D, block_size, scale, h0,
                         h0 + heads, qf.data(), scores.data(), acc.data(), row.data(), inv.data(),
@@ -433,26 +448,42 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* block
 }
 
 template <typename T>
-void dispatch(const T* q, const T* k, const T* v, const int64_t* tables, const int64_t* lens,
-              T* out, int64_t S, int64_t H, int64_t Hkv, int64_t D, int64_t block_size,
-              int64_t max_blocks, float scale) {
-  if (D == 64) return decode<T, 64>(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale);
-  if (D == 128) return decode<T, 128>(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale);
-  decode<T, 0>(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale);
+int dispatch(const T* q, T* k, T* v, const int64_t* tables, const int64_t* lens, T* out,
+             int64_t S, int64_t H, int64_t Hkv, int64_t D, int64_t block_size,
+             int64_t max_blocks, float scale, const T* new_k, const T* new_v,
+             const int64_t* new_slots, int64_t new_k_stride, int64_t new_v_stride,
+             int64_t num_slots) {
+  NewRows<T> rows{new_k, new_v, new_slots, new_k_stride, new_v_stride};
+  const NewRows<T>* new_rows = new_k != nullptr ? &rows : nullptr;
+  if (new_rows != nullptr)
+    for (int64_t s = 0; s < S; ++s)
+      if (new_slots[s] < 0 || new_slots[s] >= num_slots) return -1;  // nothing written
+  if (D == 64) decode<T, 64>(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale, new_rows);
+  else if (D == 128) decode<T, 128>(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale, new_rows);
+  else decode<T, 0>(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale, new_rows);
+  return 0;
 }
 
 }  // namespace
 
+// q [S, H, D] attends over each sequence's cached positions [0, seq_len); with new_k
+// (else null), the step's new rows are first written to slots new_slots[s] (each below
+// num_slots, else -1 is returned and nothing computed). Returns 0.
 extern "C" {
-void tgi_paged_decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v,
-                           const int64_t* tables, const int64_t* lens, uint16_t* out, int64_t S,
-                           int64_t H, int64_t Hkv, int64_t D, int64_t block_size,
-                           int64_t max_blocks, float scale) {
-  dispatch(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale);
+int tgi_paged_decode_bf16(const uint16_t* q, uint16_t* k, uint16_t* v, const int64_t* tables,
+                          const int64_t* lens, uint16_t* out, int64_t S, int64_t H, int64_t Hkv,
+                          int64_t D, int64_t block_size, int64_t max_blocks, float scale,
+                          const uint16_t* new_k, const uint16_t* new_v, const int64_t* new_slots,
+                          int64_t new_k_stride, int64_t new_v_stride, int64_t num_slots) {
+  return dispatch(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale, new_k,
+                  new_v, new_slots, new_k_stride, new_v_stride, num_slots);
 }
-void tgi_paged_decode_f32(const float* q, const float* k, const float* v, const int64_t* tables,
-                          const int64_t* lens, float* out, int64_t S, int64_t H, int64_t Hkv,
-                          int64_t D, int64_t block_size, int64_t max_blocks, float scale) {
-  dispatch(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale);
+int tgi_paged_decode_f32(const float* q, float* k, float* v, const int64_t* tables,
+                         const int64_t* lens, float* out, int64_t S, int64_t H, int64_t Hkv,
+                         int64_t D, int64_t block_size, int64_t max_blocks, float scale,
+                         const float* new_k, const float* new_v, const int64_t* new_slots,
+                         int64_t new_k_stride, int64_t new_v_stride, int64_t num_slots) {
+  return dispatch(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale, new_k,
+                  new_v, new_slots, new_k_stride, new_v_stride, num_slots);
 }
 }
