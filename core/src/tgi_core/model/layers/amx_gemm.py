@@ -116,17 +116,20 @@ def linear(
     k = packed.shape[1] * K_STEP
     if x.shape[-1] != k:
         raise ValueError(f"amx_gemm.linear: x has {x.shape[-1]} features, the weight {k}")
-    rows = x.reshape(-1, k).contiguous()
-    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
+    # a decode step calls this ~150 times: the common 2-D contiguous case skips reshapes
+    flat = x.dim() == 2 and x.is_contiguous()
+    rows = x if flat else x.reshape(-1, k).contiguous()
+    out = torch.empty((rows.shape[0], out_features), dtype=torch.bfloat16)
     if rows.shape[0]:
-        bias_data = None if bias is None else bias.to(torch.bfloat16).contiguous()
+        if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
+            bias = bias.to(torch.bfloat16).contiguous()
         library.tgi_amx_linear_bf16(
             rows.data_ptr(),
             rows.shape[0],
             k,
             packed.data_ptr(),
             out_features,
-            None if bias_data is None else bias_data.data_ptr(),
+            None if bias is None else bias.data_ptr(),
             out.data_ptr(),
         )
-    return out.view(*x.shape[:-1], out_features)
+    return out if flat else out.view(*x.shape[:-1], out_features)
