@@ -62,6 +62,26 @@ def test_kernel_matches_a_float_matmul(m: int, n: int, k: int, with_bias: bool) 
 
 
 @needs_amx
+@pytest.mark.parametrize("m", [1, 16, 17, 70])
+@pytest.mark.parametrize("n,k", [(40, 96), (200, 576)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_kernel_matches_a_float_matmul(m: int, n: int, k: int, with_bias: bool) -> None:
+    """int8 weights widened to bf16 in the kernel (exact), scaled per output at the end."""
+    generator = torch.Generator().manual_seed(m * 1000 + n + k)
+    q = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
+    scales = torch.rand(n, generator=generator).bfloat16()
+    bias = torch.randn(n, generator=generator).bfloat16() if with_bias else None
+    x = torch.randn(m, k, generator=generator).bfloat16()
+    got = amx_gemm.linear_int8(x, amx_gemm.pack(q), scales, bias, n)
+    assert got.shape == (m, n) and got.dtype == torch.bfloat16
+    expected = reference(x, q.double() * scales.double()[:, None], bias)
+    scale = expected.abs() + expected.abs().mean()
+    assert ((got.double() - expected).abs() / scale).max().item() < 2**-8
+    # one row alone gets the same bits
+    assert torch.equal(amx_gemm.linear_int8(x[-1:], amx_gemm.pack(q), scales, bias, n), got[-1:])
+
+
+@needs_amx
 def test_each_rows_result_is_independent_of_the_batch() -> None:
     """A sequence gets the same bits alone or batched with others (every path above)."""
     generator = torch.Generator().manual_seed(0)

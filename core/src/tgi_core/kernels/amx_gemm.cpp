@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <type_traits>
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #include <omp.h>
@@ -55,16 +57,28 @@ void configure_tiles(int rows) {
   _tile_loadconfig(&config);
 }
 
-inline void prefetch_tile(const bf16* tile) {
+template <typename W>
+inline void prefetch_tile(const W* tile) {
   const char* bytes = reinterpret_cast<const char*>(tile) + kPrefetchAhead;
-  for (int line = 0; line < kTileBytes / 64; ++line) _mm_prefetch(bytes + 64 * line, _MM_HINT_T0);
+  for (int line = 0; line < kTileElems * int64_t(sizeof(W)) / 64; ++line)
+    _mm_prefetch(bytes + 64 * line, _MM_HINT_T0);
+}
+
+// One B tile of int8 weights (512 values) as bf16 (exact: |q| <= 127), into ``out``
+inline void widen_tile(const int8_t* tile, bf16* out) {
+  for (int i = 0; i < kTileElems; i += 32) {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(tile + i))));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(tile + i + 16))));
+    _mm512_store_si512(out + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+  }
 }
 
 // C tiles = one or two row groups of A (rows from a0 / a1, K elements apart) times the
-// two column tiles b0 / b1, over all of K.
-template <bool kTwoGroups>
-inline void multiply(const bf16* a0, const bf16* a1, int64_t K, const bf16* b0, const bf16* b1,
-                     int64_t k_steps) {
+// two column tiles b0 / b1, over all of K. int8 weights are widened to bf16 tiles in
+// ``scratch`` (two 1 KB tiles, 64-byte aligned) first.
+template <bool kTwoGroups, typename W>
+inline void multiply(const bf16* a0, const bf16* a1, int64_t K, const W* b0, const W* b1,
+                     int64_t k_steps, bf16* scratch) {
   _tile_zero(0);
   _tile_zero(1);
   if constexpr (kTwoGroups) {
@@ -72,12 +86,19 @@ inline void multiply(const bf16* a0, const bf16* a1, int64_t K, const bf16* b0, 
     _tile_zero(3);
   }
   for (int64_t step = 0; step < k_steps; ++step) {
-    const bf16* tile0 = b0 + step * kTileElems;
-    const bf16* tile1 = b1 + step * kTileElems;
+    const W* tile0 = b0 + step * kTileElems;
+    const W* tile1 = b1 + step * kTileElems;
     prefetch_tile(tile0);
     prefetch_tile(tile1);
-    _tile_loadd(6, tile0, 64);
-    _tile_loadd(7, tile1, 64);
+    if constexpr (std::is_same_v<W, int8_t>) {
+      widen_tile(tile0, scratch);
+      widen_tile(tile1, scratch + kTileElems);
+      _tile_loadd(6, scratch, 64);
+      _tile_loadd(7, scratch + kTileElems, 64);
+    } else {
+      _tile_loadd(6, tile0, 64);
+      _tile_loadd(7, tile1, 64);
+    }
     _tile_loadd(4, a0 + step * 32, K * 2);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
@@ -89,38 +110,32 @@ inline void multiply(const bf16* a0, const bf16* a1, int64_t K, const bf16* b0, 
   }
 }
 
-// rows x 16 float accumulators (+ bias) -> bf16 columns [col0, col0 + 16) of y, clipped to N
-inline void store(const float* acc, int rows, int64_t col0, int64_t N, const bf16* bias,
-                  bf16* y, int64_t y_stride) {
+inline __m512 load_bf16(const bf16* values, __mmask16 mask) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, values)), 16));
+}
+
+// rows x 16 float accumulators (* scales, + bias) -> bf16 columns [col0, col0 + 16) of
+// y, clipped to N
+inline void store(const float* acc, int rows, int64_t col0, int64_t N, const bf16* scales,
+                  const bf16* bias, bf16* y, int64_t y_stride) {
   if (col0 >= N) return;
   const int cols = N - col0 < 16 ? static_cast<int>(N - col0) : 16;
   const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
-  __m512 bias_f32 = _mm512_setzero_ps();
-  if (bias != nullptr) {
-    __m512i widened = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias + col0));
-    bias_f32 = _mm512_castsi512_ps(_mm512_slli_epi32(widened, 16));
-  }
+  const __m512 scale = scales ? load_bf16(scales + col0, mask) : _mm512_set1_ps(1.f);
+  const __m512 offset = bias ? load_bf16(bias + col0, mask) : _mm512_setzero_ps();
   for (int r = 0; r < rows; ++r) {
-    __m512 value = _mm512_add_ps(_mm512_loadu_ps(acc + 16 * r), bias_f32);
+    __m512 value = _mm512_loadu_ps(acc + 16 * r);
+    if (scales) value = _mm512_mul_ps(value, scale);
+    value = _mm512_add_ps(value, offset);
     _mm256_mask_storeu_epi16(y + r * y_stride + col0, mask,
                              reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(value)));
   }
 }
 
-}  // namespace
-
-extern "C" int tgi_amx_available() { return 1; }
-
-// Asks the kernel for permission to use the AMX tile state (Linux 5.16+); 0 on success.
-extern "C" int tgi_amx_init() {
-  constexpr int kArchRequestXcompPerm = 0x1023, kXfeatureTileData = 18;
-  return static_cast<int>(syscall(SYS_arch_prctl, kArchRequestXcompPerm, kXfeatureTileData));
-}
-
-// x [M, K] (rows contiguous), w packed as above for N outputs, bias [N] or null,
-// y [M, N]; all bf16. M >= 1, K % 32 == 0.
-extern "C" void tgi_amx_linear_bf16(const bf16* x, int64_t M, int64_t K, const bf16* w,
-                                    int64_t N, const bf16* bias, bf16* y) {
+template <typename W>
+void linear(const bf16* x, int64_t M, int64_t K, const W* w, int64_t N, const bf16* scales,
+            const bf16* bias, bf16* y) {
   const int64_t k_steps = K / 32;
   const int64_t col_blocks = (N + 31) / 32;
   const int64_t full_groups = M / 16, groups = (M + 15) / 16;
@@ -143,33 +158,34 @@ extern "C" void tgi_amx_linear_bf16(const bf16* x, int64_t M, int64_t K, const b
     if (first < last) {
       configure_tiles(M < 16 ? static_cast<int>(M) : 16);
       alignas(64) float acc[16 * 16];
+      alignas(64) bf16 scratch[2 * kTileElems];
       const int64_t super_groups = kSuperRows / 16;
       for (int64_t g_start = 0; g_start < groups; g_start += super_groups) {
         const int64_t g_end = g_start + super_groups < groups ? g_start + super_groups : groups;
         for (int64_t block = first; block < last; ++block) {
-          const bf16* b0 = w + 2 * block * k_steps * kTileElems;
-          const bf16* b1 = b0 + k_steps * kTileElems;
+          const W* b0 = w + 2 * block * k_steps * kTileElems;
+          const W* b1 = b0 + k_steps * kTileElems;
           const int64_t col0 = 32 * block;
           for (int64_t g = g_start; g < g_end; g += 2) {
             bf16* y0 = y + g * 16 * N;
             const int rows0 = group_count(g);
             if (g + 1 < g_end) {
-              multiply<true>(group_rows(g), group_rows(g + 1), K, b0, b1, k_steps);
+              multiply<true>(group_rows(g), group_rows(g + 1), K, b0, b1, k_steps, scratch);
               const int rows1 = group_count(g + 1);
               _tile_stored(0, acc, 64);
-              store(acc, rows0, col0, N, bias, y0, N);
+              store(acc, rows0, col0, N, scales, bias, y0, N);
               _tile_stored(1, acc, 64);
-              store(acc, rows0, col0 + 16, N, bias, y0, N);
+              store(acc, rows0, col0 + 16, N, scales, bias, y0, N);
               _tile_stored(2, acc, 64);
-              store(acc, rows1, col0, N, bias, y0 + 16 * N, N);
+              store(acc, rows1, col0, N, scales, bias, y0 + 16 * N, N);
               _tile_stored(3, acc, 64);
-              store(acc, rows1, col0 + 16, N, bias, y0 + 16 * N, N);
+              store(acc, rows1, col0 + 16, N, scales, bias, y0 + 16 * N, N);
             } else {
-              multiply<false>(group_rows(g), nullptr, K, b0, b1, k_steps);
+              multiply<false>(group_rows(g), nullptr, K, b0, b1, k_steps, scratch);
               _tile_stored(0, acc, 64);
-              store(acc, rows0, col0, N, bias, y0, N);
+              store(acc, rows0, col0, N, scales, bias, y0, N);
               _tile_stored(1, acc, 64);
-              store(acc, rows0, col0 + 16, N, bias, y0, N);
+              store(acc, rows0, col0 + 16, N, scales, bias, y0, N);
             }
           }
         }
@@ -180,11 +196,37 @@ extern "C" void tgi_amx_linear_bf16(const bf16* x, int64_t M, int64_t K, const b
   free(tail);
 }
 
+}  // namespace
+
+extern "C" int tgi_amx_available() { return 1; }
+
+// Asks the kernel for permission to use the AMX tile state (Linux 5.16+); 0 on success.
+extern "C" int tgi_amx_init() {
+  constexpr int kArchRequestXcompPerm = 0x1023, kXfeatureTileData = 18;
+  return static_cast<int>(syscall(SYS_arch_prctl, kArchRequestXcompPerm, kXfeatureTileData));
+}
+
+// x [M, K] (rows contiguous), w packed as above for N outputs, bias [N] or null,
+// y [M, N]; all bf16. M >= 1, K % 32 == 0.
+extern "C" void tgi_amx_linear_bf16(const bf16* x, int64_t M, int64_t K, const bf16* w,
+                                    int64_t N, const bf16* bias, bf16* y) {
+  linear<bf16>(x, M, K, w, N, nullptr, bias, y);
+}
+
+// The same with int8 weights (packed alike, one byte per value) and one bf16 scale per
+// output feature: y = (x @ q^T) * scales + bias, float32 until the one rounding.
+extern "C" void tgi_amx_linear_int8(const bf16* x, int64_t M, int64_t K, const int8_t* w,
+                                    int64_t N, const bf16* scales, const bf16* bias, bf16* y) {
+  linear<int8_t>(x, M, K, w, N, scales, bias, y);
+}
+
 #else  // no AMX at build time: the library loads, says so, and is never called
 
 extern "C" int tgi_amx_available() { return 0; }
 extern "C" int tgi_amx_init() { return -1; }
 extern "C" void tgi_amx_linear_bf16(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t,
                                     const uint16_t*, uint16_t*) {}
+extern "C" void tgi_amx_linear_int8(const uint16_t*, int64_t, int64_t, const int8_t*, int64_t,
+                                    const uint16_t*, const uint16_t*, uint16_t*) {}
 
 #endif

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 
+from tgi_core.model.layers import amx_gemm
 from tgi_core.model.layers.linear import ReplicatedLinear
 from tgi_core.model.quantization import QuantizerContext
 from tgi_core.model.weights import LazyTensor
@@ -56,15 +57,23 @@ def layer_with(
     return layer
 
 
+def needs_amx(path: str) -> None:
+    if path == "amx" and not amx_gemm.available():
+        pytest.skip("no AMX on this CPU")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kernel", [False, True], ids=["portable", "kernel"])
-def test_layer_equals_matmul_with_dequantized_weights(kernel: bool, dtype: torch.dtype) -> None:
-    """Portable in float32: exact (1e-5). The kernel multiplies bfloat16 activations and
-    rounds its output to bfloat16: within 1% of the output's magnitude."""
+@pytest.mark.parametrize("path", ["portable", "kernel", "amx"])
+def test_layer_equals_matmul_with_dequantized_weights(path: str, dtype: torch.dtype) -> None:
+    """Portable in float32: exact (1e-5). The kernels (torch's, or the AMX one) multiply
+    bfloat16 activations and round the output to bfloat16: within 1% of its magnitude."""
+    needs_amx(path)
+    kernel = path != "portable"
     weight, bias = torch.randn(48, 64, generator=GENERATOR), torch.randn(48, generator=GENERATOR)
-    layer = layer_with(Int8LinearMethod(kernel), weight, bias, dtype)
+    layer = layer_with(Int8LinearMethod(kernel, use_amx=path == "amx"), weight, bias, dtype)
     assert not hasattr(layer, "weight")  # the float weight is gone
     assert layer.tensor("qweight").dtype == torch.int8
+    assert amx_gemm.is_packed(layer.tensor("qweight")) == (path == "amx")
     x = torch.randn(2, 3, 64, generator=GENERATOR).to(dtype)  # any leading shape
     q, scale = quantize_per_channel(weight)
     out = layer(x)
@@ -128,11 +137,13 @@ def test_portable_setting_and_other_devices_skip_the_kernel() -> None:
     assert not Int8Quantizer(meta).use_kernel
 
 
-@pytest.mark.parametrize("kernel", [True, False])
-def test_vocabulary_table_lookup_and_logits(kernel: bool) -> None:
+@pytest.mark.parametrize("path", ["portable", "kernel", "amx"])
+def test_vocabulary_table_lookup_and_logits(path: str) -> None:
     """One int8 table serves a tied embedding and LM head: lookups are the dequantized
     rows, logits the matmul with them; the float weight is gone and the int8 table is
-    stored once."""
+    stored once (in the AMX kernel's layout where that runs the head)."""
+    needs_amx(path)
+    kernel = path != "portable"
     from torch import nn
 
     from tgi_core.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -144,11 +155,13 @@ def test_vocabulary_table_lookup_and_logits(kernel: bool) -> None:
     embedding.weight.data.copy_(weight)
     head = ParallelLMHead(40, 64, dtype=torch.bfloat16)
     head.tie_to(embedding)
-    table = Int8Vocabulary(weight, use_kernel=kernel)
+    table = Int8Vocabulary(weight, use_kernel=kernel, use_amx=path == "amx")
+    assert amx_gemm.is_packed(table.qweight) == (path == "amx")
     embedding.quantize(table)
     head.quantize(table)
-    exact = dequantize(table.qweight, table.scales)
-    ids = torch.tensor([0, 7, 39, 7])
+    exact = dequantize(table.values(), table.scales)
+    assert torch.equal(table.values(), quantize_per_channel(weight)[0])
+    ids = torch.tensor([[0, 7], [39, 7]])  # any shape of ids
     torch.testing.assert_close(embedding(ids), exact[ids].bfloat16(), rtol=0, atol=0)
     hidden = torch.randn(3, 64, generator=GENERATOR).bfloat16()
     expected = hidden.float() @ exact.T
@@ -157,7 +170,8 @@ def test_vocabulary_table_lookup_and_logits(kernel: bool) -> None:
     model = nn.ModuleDict({"embed": embedding, "head": head})
     loaded = LoadedModel.__new__(LoadedModel)
     loaded.model = model
-    assert loaded.weight_bytes == 40 * 64 + 40 * 2  # int8 values and bf16 scales, once
+    padded = 64 if path == "amx" else 40  # the kernel's layout pads rows to 32
+    assert loaded.weight_bytes == padded * 64 + 40 * 2  # int8 values and bf16 scales, once
 
 
 def test_vocabulary_setting_keeps_tables_float() -> None:

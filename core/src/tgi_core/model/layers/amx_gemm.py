@@ -42,6 +42,8 @@ def load_kernel(march: str = "native") -> ctypes.CDLL:
     pointer, int64 = ctypes.c_void_p, ctypes.c_int64
     library.tgi_amx_linear_bf16.argtypes = [pointer, int64, int64, pointer, int64, pointer, pointer]
     library.tgi_amx_linear_bf16.restype = None
+    library.tgi_amx_linear_int8.argtypes = [pointer, int64, int64, pointer, int64] + [pointer] * 3
+    library.tgi_amx_linear_int8.restype = None
     return library
 
 
@@ -81,7 +83,8 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` ``[N, K]`` (bf16, ``K % 32 == 0``) in the kernel's tile layout:
+    """``weight`` ``[N, K]`` (bf16, or int8 for :func:`linear_int8`; ``K % 32 == 0``) in
+    the kernel's tile layout:
     ``[N_pad / 16, K / 32, 16 k-pairs, 16 columns, 2]`` with ``N_pad`` the multiple of 32
     at or above ``N`` (the padding is zeros)."""
     rows, cols = weight.shape
@@ -129,6 +132,44 @@ def linear(
             k,
             packed.data_ptr(),
             out_features,
+            None if bias is None else bias.data_ptr(),
+            out.data_ptr(),
+        )
+    return out if flat else out.view(*x.shape[:-1], out_features)
+
+
+def linear_int8(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+) -> torch.Tensor:
+    """``(x @ Q.T) * scales + bias`` for ``packed = pack(Q)``, ``Q`` int8 ``[out, K]``
+    with one bf16 scale per output feature; ``x`` ``[..., K]`` bf16, the result bf16.
+    The int8 values are widened to bf16 tiles in the kernel (exact), so the sums are
+    the ones of the bf16 kernel on the dequantized-but-unscaled weight."""
+    library = _library()
+    assert library is not None, "amx_gemm.available() is False"
+    if x.dtype != torch.bfloat16 or packed.dtype != torch.int8:
+        raise TypeError(f"amx_gemm.linear_int8: x {x.dtype}, weight {packed.dtype}")
+    k = packed.shape[1] * K_STEP
+    if x.shape[-1] != k:
+        raise ValueError(f"amx_gemm.linear_int8: x has {x.shape[-1]} features, the weight {k}")
+    flat = x.dim() == 2 and x.is_contiguous()
+    rows = x if flat else x.reshape(-1, k).contiguous()
+    out = torch.empty((rows.shape[0], out_features), dtype=torch.bfloat16)
+    if rows.shape[0]:
+        scales = scales.to(torch.bfloat16).contiguous()
+        if bias is not None:
+            bias = bias.to(torch.bfloat16).contiguous()
+        library.tgi_amx_linear_int8(
+            rows.data_ptr(),
+            rows.shape[0],
+            k,
+            packed.data_ptr(),
+            out_features,
+            scales.data_ptr(),
             None if bias is None else bias.data_ptr(),
             out.data_ptr(),
         )

@@ -8,7 +8,8 @@
   output, so inductor cannot reorder them;
 - ``tgi::packed_linear``: a oneDNN-packed bf16 weight is an opaque tensor that
   inductor's own lowering of ``_linear_pointwise`` cannot read;
-- ``tgi::amx_linear``: this project's AMX GEMM kernel (``amx_gemm``), a ctypes call.
+- ``tgi::amx_linear`` / ``tgi::amx_linear_int8``: this project's AMX GEMM kernel
+  (``amx_gemm``, bf16 or int8 weights), a ctypes call.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ _library = torch.library.Library("tgi", "DEF")
 _library.define("attention(Tensor q, Tensor? k, Tensor? v, int layer_key) -> Tensor")
 _library.define("packed_linear(Tensor x, Tensor packed, Tensor? bias) -> Tensor")
 _library.define("amx_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor")
+_library.define(
+    "amx_linear_int8(Tensor x, Tensor packed, Tensor scales, Tensor? bias, int out_features)"
+    " -> Tensor"
+)
 
 
 def _attention_impl(
@@ -84,7 +89,20 @@ def _amx_linear_impl(
     return amx_gemm.linear(x, packed, bias, out_features)
 
 
+def _amx_linear_int8_impl(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+) -> torch.Tensor:
+    from tgi_core.model.layers import amx_gemm
+
+    return amx_gemm.linear_int8(x, packed, scales, bias, out_features)
+
+
 _library.impl("packed_linear", _packed_linear_impl, "CompositeExplicitAutograd")
+_library.impl("amx_linear_int8", _amx_linear_int8_impl, "CompositeExplicitAutograd")
 _library.impl("amx_linear", _amx_linear_impl, "CompositeExplicitAutograd")
 
 
@@ -110,7 +128,20 @@ def _amx_linear_fake(
 
 
 torch.library.register_fake("tgi::packed_linear", _packed_linear_fake)
+
+
+def _amx_linear_int8_fake(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 torch.library.register_fake("tgi::amx_linear", _amx_linear_fake)
+torch.library.register_fake("tgi::amx_linear_int8", _amx_linear_int8_fake)
 
 
 def attention(
@@ -132,4 +163,17 @@ def amx_linear(
 ) -> torch.Tensor:
     """A bf16 ``x`` times an AMX-packed weight (``amx_gemm.pack``)."""
     out: torch.Tensor = torch.ops.tgi.amx_linear(x, packed, bias, out_features)
+    return out
+
+
+def amx_linear_int8(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+) -> torch.Tensor:
+    """A bf16 ``x`` times AMX-packed int8 weights with per-output scales
+    (``amx_gemm.linear_int8``)."""
+    out: torch.Tensor = torch.ops.tgi.amx_linear_int8(x, packed, scales, bias, out_features)
     return out

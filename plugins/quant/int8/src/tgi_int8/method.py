@@ -3,11 +3,14 @@
 
 Each output channel's scale is its largest magnitude over 127, rounded to bfloat16 (the
 kernel's dtype); the int8 values are rounded against that stored scale, so every path
-computes with the same weights. On CPU, ``torch.ops.aten._weight_int8pack_mm`` runs
-the layer for up to ``KERNEL_MAX_ROWS`` tokens with bfloat16 activations (cast in and
-out: with float32 activations the op falls to a path 10-30x slower); for more tokens,
-elsewhere, or with ``kernel = "portable"``, the layer multiplies by the int8 values
-converted to the activations' dtype and scales the output, which is exact in float32.
+computes with the same weights. On a CPU with AMX, layers whose input size is a
+multiple of 32 run on tgi-core's AMX kernel (``amx_gemm.linear_int8``: the int8 values
+widened to bf16 tiles inside the kernel, any number of rows). Elsewhere on CPU,
+``torch.ops.aten._weight_int8pack_mm`` runs the layer for up to ``KERNEL_MAX_ROWS``
+tokens with bfloat16 activations (cast in and out: with float32 activations the op falls
+to a path 10-30x slower); for more tokens, other devices, or with ``kernel =
+"portable"``, the layer multiplies by the int8 values converted to the activations'
+dtype and scales the output, which is exact in float32.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tgi_core.model.layers import amx_gemm, opaque
 from tgi_core.model.layers.linear import LinearBase, UnquantizedLinearMethod
 from tgi_core.model.quantization import QuantizerContext
 from tgi_int8 import Int8Settings
@@ -52,11 +56,20 @@ KERNEL_MAX_ROWS = 8
 def int8_matmul(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, use_kernel: bool
 ) -> torch.Tensor:
-    """``x`` ``[rows, in]`` times the int8 weight ``[out, in]`` with per-output scales.
+    """``x`` ``[rows, in]`` times the int8 weight ``[out, in]`` (or its AMX packing,
+    :func:`amx_gemm.pack`) with per-output scales.
 
-    The kernel computes in bfloat16 (``x`` cast in and out); the portable path multiplies
+    The kernels compute in bfloat16 (``x`` cast in and out); the portable path multiplies
     by the int8 values in ``x``'s dtype (exact: they are small integers) and scales the
     product, exact in float32 and one more bf16 rounding than the kernel in bfloat16."""
+    if amx_gemm.is_packed(qweight):
+        rows = x.to(KERNEL_DTYPE)
+        out_features = scales.shape[0]
+        if torch.compiler.is_compiling():  # opaque to inductor (model/compiled.py)
+            out = opaque.amx_linear_int8(rows, qweight, scales, None, out_features)
+        else:
+            out = amx_gemm.linear_int8(rows, qweight, scales, None, out_features)
+        return out.to(x.dtype)
     if use_kernel and x.shape[0] <= KERNEL_MAX_ROWS:
         out = torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), qweight, scales)
         return out.to(x.dtype)
@@ -68,14 +81,21 @@ def int8_matmul(
 KERNEL_INPUT_MULTIPLE = 16
 
 
+def amx_applies(input_size: int) -> bool:
+    """Whether int8 weights with ``input_size`` inputs go to the AMX kernel here."""
+    return input_size % amx_gemm.K_STEP == 0 and amx_gemm.available()
+
+
 class Int8LinearMethod:
     """Loads the float weight (float32, one layer at a time), then quantizes it.
 
-    ``use_kernel``: run torch's CPU kernel (bfloat16 activations), else the portable path.
+    ``use_kernel``: run a CPU kernel (bfloat16 activations), else the portable path;
+    ``use_amx``: the kernel is the AMX one (the int8 values stored in its tile layout).
     """
 
-    def __init__(self, use_kernel: bool) -> None:
+    def __init__(self, use_kernel: bool, use_amx: bool = False) -> None:
         self.use_kernel = use_kernel
+        self.use_amx = use_kernel and use_amx
 
     def create_weights(self, layer: LinearBase, dtype: torch.dtype) -> None:
         UnquantizedLinearMethod().create_weights(layer, torch.float32)
@@ -84,6 +104,8 @@ class Int8LinearMethod:
         weight = layer.weight.data
         del layer.weight
         q, scale = quantize_per_channel(weight)
+        if self.use_amx:
+            q = amx_gemm.pack(q)
         layer.register_buffer("qweight", q, persistent=False)
         layer.register_buffer("scales", scale, persistent=False)
 
@@ -103,16 +125,30 @@ class Int8Vocabulary:
     and the head (the CPU kernel, or the portable path), in half the bytes of bf16.
     """
 
-    def __init__(self, weight: torch.Tensor, use_kernel: bool) -> None:
+    def __init__(self, weight: torch.Tensor, use_kernel: bool, use_amx: bool = False) -> None:
         self.dtype = weight.dtype
         self.qweight, self.scales = quantize_per_channel(weight)
         self.use_kernel = use_kernel and weight.shape[1] % KERNEL_INPUT_MULTIPLE == 0
+        if use_kernel and use_amx and amx_applies(weight.shape[1]):
+            # stored once, in the kernel's layout; lookups gather their rows from it
+            self.qweight = amx_gemm.pack(self.qweight)
 
     def buffers(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.qweight, "scales": self.scales}
 
+    def values(self) -> torch.Tensor:
+        """The int8 table ``[vocab, hidden]``, whatever its stored layout."""
+        if amx_gemm.is_packed(self.qweight):
+            return amx_gemm.unpack(self.qweight, self.scales.shape[0])
+        return self.qweight
+
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(ids, self.qweight).float() * self.scales.float()[ids].unsqueeze(-1)
+        if amx_gemm.is_packed(self.qweight):  # [tiles, steps, 16 pairs, 16 rows, 2]
+            picked = self.qweight[ids // 16, :, :, ids % 16, :]  # [*ids, steps, 16, 2]
+            values = picked.reshape(*ids.shape, -1)
+        else:
+            values = F.embedding(ids, self.qweight)
+        rows = values.float() * self.scales.float()[ids].unsqueeze(-1)
         return rows.to(self.dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -131,8 +167,13 @@ class Int8Quantizer:
         self.vocabulary = settings.vocabulary
 
     def linear_method(self, layer: LinearBase, prefix: str) -> Int8LinearMethod:
-        fits = layer.input_size_per_partition % KERNEL_INPUT_MULTIPLE == 0
+        inputs = layer.input_size_per_partition
+        if self.use_kernel and amx_applies(inputs):
+            return Int8LinearMethod(use_kernel=True, use_amx=True)
+        fits = inputs % KERNEL_INPUT_MULTIPLE == 0
         return Int8LinearMethod(use_kernel=self.use_kernel and fits)
 
     def vocabulary_method(self, weight: torch.Tensor, prefix: str) -> Int8Vocabulary | None:
-        return Int8Vocabulary(weight, self.use_kernel) if self.vocabulary else None
+        if not self.vocabulary:
+            return None
+        return Int8Vocabulary(weight, self.use_kernel, use_amx=True)
