@@ -260,8 +260,9 @@ def section(
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d} on {describe_machine()}. Random-weight checkpoints "
         "saved in bfloat16; each method in a fresh process, the model in bfloat16 "
-        "(activations too), quantized while loading: int8 per output channel "
-        "(`_weight_int8pack_mm`), int4 group-wise, groups of 64 "
+        "(activations too), quantized while loading: int8 per output channel (the AMX "
+        "kernel where the CPU has AMX, else `_weight_int8pack_mm`), int4 group-wise, groups "
+        "of 64 "
         "(`_weight_int4pack_mm_for_cpu`), nf4 through bitsandbytes (its fused CPU kernel). "
         "int8 also quantizes the (tied) embedding and LM head table; the other methods keep "
         "it bfloat16. Weights: bytes of the parameters "
