@@ -42,7 +42,7 @@ def load_kernel(march: str = "native") -> ctypes.CDLL:
     pointer, int64 = ctypes.c_void_p, ctypes.c_int64
     library.tgi_amx_linear_bf16.argtypes = [pointer, int64, int64, pointer, int64, pointer, pointer]
     library.tgi_amx_linear_bf16.restype = None
-    library.tgi_amx_linear_int8.argtypes = [pointer, int64, int64, pointer, int64] + [pointer] * 3
+    library.tgi_amx_linear_int8.argtypes = [pointer, int64, int64, pointer, int64, *[pointer] * 3]
     library.tgi_amx_linear_int8.restype = None
     return library
 
