@@ -256,3 +256,18 @@ def test_a_failure_after_the_forward_fails_only_its_requests(checkpoint) -> None
     assert engine.stats().kv_blocks_used == 0 and not engine.has_work()
     engine._sample = original
     assert len(engine.run([greedy([5, 6, 7], "good", max_new=3)])["good"]) == 3
+
+
+def test_last_token_rows_are_batched_without_a_copy_when_consecutive() -> None:
+    """A step's last-token logits (consecutive rows of one tensor) become the batch
+    as a view; rows that are not (a forked request's shared row) are stacked."""
+    from tgi_core.engine.engine import _stack_rows
+
+    logits = torch.randn(5, 7)
+    rows = [logits[i] for i in range(1, 4)]
+    batched = _stack_rows(rows)
+    assert torch.equal(batched, torch.stack(rows))
+    assert batched.data_ptr() == logits[1].data_ptr()  # no copy
+    shared = [logits[2], logits[2], logits[4]]
+    stacked = _stack_rows(shared)
+    assert torch.equal(stacked, torch.stack(shared)) and stacked.data_ptr() != logits.data_ptr()

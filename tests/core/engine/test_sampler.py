@@ -112,3 +112,32 @@ def test_a_vanishing_temperature_is_greedy_and_finite() -> None:
     )
     assert out.token_ids == [int(logits.argmax())]
     assert out.logprobs[0] == out.logprobs[0]  # not NaN
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(top_n_tokens=4),
+        SamplingParams(do_sample=True, seed=3, top_n_tokens=2),
+        SamplingParams(repetition_penalty=1.3, top_n_tokens=3),
+    ],
+)
+def test_logprobs_are_the_processed_log_softmax_and_the_input_is_untouched(params) -> None:
+    """The chosen and top log-probabilities are those of the full log_softmax of the
+    processed logits (computed as logit - logsumexp), and ``sample`` never edits the
+    caller's tensor, even where it applies penalties or warpers."""
+    logits = torch.randn(3, V)
+    before = logits.clone()
+    generators = [torch.Generator().manual_seed(7) for _ in range(3)]
+    out = sample(logits, [params] * 3, [[1, 2]] * 3, generators)
+    assert torch.equal(logits, before)
+    processed = _penalties(logits.clone(), [params] * 3, [[1, 2]] * 3)
+    if is_sampling(params):
+        processed = _warp(processed, [params] * 3)
+    log_probs = processed.log_softmax(-1)
+    for i in range(3):
+        token = out.token_ids[i]
+        assert out.logprobs[i] == pytest.approx(log_probs[i, token].item(), abs=1e-5)
+        top = log_probs[i].topk(params.top_n_tokens)
+        assert out.top_ids[i] == top.indices.tolist()
+        assert out.top_logprobs[i] == pytest.approx(top.values.tolist(), abs=1e-5)

@@ -223,7 +223,7 @@ class Engine:
                 ready.extend((child, rows[-1]) for child in self._fork(chunk.seq))
         if not ready:
             return []
-        return self._sample([seq for seq, _ in ready], torch.stack([row for _, row in ready]))
+        return self._sample([seq for seq, _ in ready], _stack_rows([row for _, row in ready]))
 
     def _logits_mode(self, chunk: ScheduledChunk) -> str:
         seq = chunk.seq
@@ -398,3 +398,25 @@ class Engine:
             for event in self.step():
                 streams[event.request_id].append(event)
         raise RuntimeError("requests did not finish")
+
+
+def _stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(rows)`` of 1-D rows, without the copy when they are consecutive rows
+    of one tensor, as a step's last-token logits are (64 x 49152 floats: ~3 ms a step)."""
+    first = rows[0]
+    width, storage, offset = (
+        first.shape[0],
+        first.untyped_storage().data_ptr(),
+        first.storage_offset(),
+    )
+    consecutive = all(
+        row.dim() == 1
+        and row.shape[0] == width
+        and row.stride(0) == 1
+        and row.untyped_storage().data_ptr() == storage
+        and row.storage_offset() == offset + i * width
+        for i, row in enumerate(rows)
+    )
+    if consecutive:
+        return first.as_strided((len(rows), width), (width, 1))
+    return torch.stack(rows)
