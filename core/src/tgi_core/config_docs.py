@@ -89,6 +89,21 @@ def _default(name: str, value: object) -> str:
     return text if value is None else f"`{text}`"
 
 
+_KERNEL_SWITCHES = """\
+## CPU kernel switches
+
+Environment variables only (for comparisons and debugging; the defaults are the fast
+paths, each falling back by itself where the CPU or the machine cannot run it):
+
+| env | default | effect |
+|---|---|---|
+| `TGI_CPU_AMX_GEMM` | `1` | `0`: no AMX GEMM kernel (bf16 weights go to oneDNN, int8 to torch) |
+| `TGI_CPU_PACKED_GEMM` | `1` | `0`: bf16 linear layers use plain `F.linear`, no packed weights |
+| `TGI_CPU_DECODE_KERNEL` | `1` | `0`: decode attention by gather + SDPA, not the paged kernel |
+| `TGI_KERNEL_CACHE` | `~/.cache/tgi/kernels` | where the C++ kernels are built, at first use |
+"""
+
+
 def render() -> str:
     """The whole configuration reference, as Markdown."""
     parts = [_HEADER]
@@ -104,6 +119,7 @@ def render() -> str:
                 f"| {_cell(info.allowed)} | {_cell(info.description)} |"
             )
         parts.append("")
+    parts.append(_KERNEL_SWITCHES)
     parts.append(_PLUGINS)
     return "\n".join(parts)
 
