@@ -107,35 +107,47 @@ def is_packed(weight: torch.Tensor) -> bool:
     return weight.dim() == 5
 
 
-def linear(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+def _as_bf16(vector: torch.Tensor | None) -> torch.Tensor | None:
+    if vector is None or (vector.dtype == torch.bfloat16 and vector.is_contiguous()):
+        return vector
+    return vector.to(torch.bfloat16).contiguous()
+
+
+def _call(
+    name: str,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    out_features: int,
+    vectors: tuple[torch.Tensor | None, ...],
 ) -> torch.Tensor:
-    """``x @ W.T + bias`` for ``packed = pack(W)``; ``x`` ``[..., K]`` in bf16, the
-    result ``[..., out_features]`` in bf16 (float32 accumulation, rounded once)."""
+    """Run kernel ``name`` on ``x`` ``[..., K]`` (bf16) with the per-output ``vectors``
+    (scales, bias: bf16 or None) and return ``[..., out_features]`` in bf16."""
     library = _library()
     assert library is not None, "amx_gemm.available() is False"
     if x.dtype != torch.bfloat16:
-        raise TypeError(f"amx_gemm.linear: x is {x.dtype}, not bfloat16")
+        raise TypeError(f"amx_gemm: x is {x.dtype}, not bfloat16")
     k = packed.shape[1] * K_STEP
     if x.shape[-1] != k:
-        raise ValueError(f"amx_gemm.linear: x has {x.shape[-1]} features, the weight {k}")
+        raise ValueError(f"amx_gemm: x has {x.shape[-1]} features, the weight {k}")
     # a decode step calls this ~150 times: the common 2-D contiguous case skips reshapes
     flat = x.dim() == 2 and x.is_contiguous()
     rows = x if flat else x.reshape(-1, k).contiguous()
     out = torch.empty((rows.shape[0], out_features), dtype=torch.bfloat16)
     if rows.shape[0]:
-        if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
-            bias = bias.to(torch.bfloat16).contiguous()
-        library.tgi_amx_linear_bf16(
-            rows.data_ptr(),
-            rows.shape[0],
-            k,
-            packed.data_ptr(),
-            out_features,
-            None if bias is None else bias.data_ptr(),
-            out.data_ptr(),
-        )
+        kept = [_as_bf16(v) for v in vectors]  # alive until the call returns
+        pointers = [None if v is None else v.data_ptr() for v in kept]
+        function = getattr(library, name)
+        function(rows.data_ptr(), rows.shape[0], k, packed.data_ptr(), out_features, *pointers,
+                 out.data_ptr())  # fmt: skip
     return out if flat else out.view(*x.shape[:-1], out_features)
+
+
+def linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for ``packed = pack(W)``; ``x`` ``[..., K]`` in bf16, the
+    result ``[..., out_features]`` in bf16 (float32 accumulation, rounded once)."""
+    return _call("tgi_amx_linear_bf16", x, packed, out_features, (bias,))
 
 
 def linear_int8(
@@ -149,28 +161,6 @@ def linear_int8(
     with one bf16 scale per output feature; ``x`` ``[..., K]`` bf16, the result bf16.
     The int8 values are widened to bf16 tiles in the kernel (exact), so the sums are
     the ones of the bf16 kernel on the dequantized-but-unscaled weight."""
-    library = _library()
-    assert library is not None, "amx_gemm.available() is False"
-    if x.dtype != torch.bfloat16 or packed.dtype != torch.int8:
-        raise TypeError(f"amx_gemm.linear_int8: x {x.dtype}, weight {packed.dtype}")
-    k = packed.shape[1] * K_STEP
-    if x.shape[-1] != k:
-        raise ValueError(f"amx_gemm.linear_int8: x has {x.shape[-1]} features, the weight {k}")
-    flat = x.dim() == 2 and x.is_contiguous()
-    rows = x if flat else x.reshape(-1, k).contiguous()
-    out = torch.empty((rows.shape[0], out_features), dtype=torch.bfloat16)
-    if rows.shape[0]:
-        scales = scales.to(torch.bfloat16).contiguous()
-        if bias is not None:
-            bias = bias.to(torch.bfloat16).contiguous()
-        library.tgi_amx_linear_int8(
-            rows.data_ptr(),
-            rows.shape[0],
-            k,
-            packed.data_ptr(),
-            out_features,
-            scales.data_ptr(),
-            None if bias is None else bias.data_ptr(),
-            out.data_ptr(),
-        )
-    return out if flat else out.view(*x.shape[:-1], out_features)
+    if packed.dtype != torch.int8:
+        raise TypeError(f"amx_gemm.linear_int8: the weight is {packed.dtype}, not int8")
+    return _call("tgi_amx_linear_int8", x, packed, out_features, (scales, bias))
