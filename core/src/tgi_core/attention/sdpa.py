@@ -231,25 +231,21 @@ class SdpaBackend(AttentionBackend):
         cache = batch.kv_cache
         keys, values = cache.keys[layer.layer_index], cache.values[layer.layer_index]
         plan: _Plan = batch.state
-        if (
+        # decode steps on the kernel: it writes the new keys and values itself
+        kernel_writes = (
             plan.decode_only
-            and plan.decodes is not None
             and self._kernel_applies(layer, keys.dtype)
             and can_write_new(k, v, keys)
-        ):  # the kernel writes the new keys and values itself, then attends
-            d = plan.decodes
-            new = (k, v, batch.slot_mapping)
-            out = paged_decode(
-                q.to(keys.dtype), keys, values, d.block_tables, d.lengths, d.block_size,
-                layer.scale, new=new,
-            )  # fmt: skip
-            return out.to(q.dtype).flatten(1)
-        cache.write(layer.layer_index, batch.slot_mapping, k, v)
+        )
+        if not kernel_writes:
+            cache.write(layer.layer_index, batch.slot_mapping, k, v)
         gqa = layer.num_kv_heads != layer.num_heads
         dtype = self._compute_dtype(layer, keys.dtype)
         if plan.decode_only:  # the common case: one token per sequence, in order
             assert plan.decodes is not None
-            return self._decodes(layer, q, keys, values, plan.decodes, plan).to(q.dtype).flatten(1)
+            new = (k, v, batch.slot_mapping) if kernel_writes else None
+            out = self._decodes(layer, q, keys, values, plan.decodes, plan, new)
+            return out.to(q.dtype).flatten(1)
         out = torch.empty(q.shape[0], layer.num_heads, layer.head_dim, dtype=dtype)
         if plan.decodes is not None:
             out[plan.decodes.rows] = self._decodes(
@@ -284,14 +280,18 @@ class SdpaBackend(AttentionBackend):
         values: torch.Tensor,
         d: _Decodes,
         plan: _Plan,
+        new: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Attention of one query per sequence ``q`` ``[S, H, D]`` -> ``[S, H, D]``, in the
-        layer's compute dtype."""
+        layer's compute dtype; ``new``: keys, values and slots for the kernel to write
+        first (only where it applies)."""
         dtype = self._compute_dtype(layer, keys.dtype)
         if self._kernel_applies(layer, keys.dtype):
             return paged_decode(
-                q.to(dtype), keys, values, d.block_tables, d.lengths, d.block_size, layer.scale
-            )
+                q.to(dtype), keys, values, d.block_tables, d.lengths, d.block_size, layer.scale,
+                new=new,
+            )  # fmt: skip
+        assert new is None, "only the decode kernel writes the cache itself"
         kv_heads, group = layer.num_kv_heads, layer.num_heads // layer.num_kv_heads
         shape = (*d.slots.shape, kv_heads, layer.head_dim)
         key = keys.index_select(0, d.flat_slots).view(shape).to(dtype).transpose(1, 2)
