@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tgi_core.engine.logits_kernel import greedy_logsumexp
 from tgi_core.engine.requests import SamplingParams
 
 
@@ -125,13 +126,17 @@ def sample(
         logits = _penalties(logits.clone(), params, histories)
     if sampled:
         logits[sampled] = _warp(logits[sampled], [params[i] for i in sampled])
-    token_ids = logits.max(-1).indices  # argmax's first maximum too, 3x faster on CPU
+    fast = greedy_logsumexp(logits)
+    if fast is None:
+        token_ids = logits.max(-1).indices  # argmax's first maximum too, 3x faster on CPU
+        normalizer = logits.logsumexp(-1, keepdim=True)
+    else:
+        token_ids, normalizer = fast
     if sampled:
         probs = logits[sampled].softmax(-1)
         for row, i in enumerate(sampled):
             race = torch.empty_like(probs[row]).exponential_(1, generator=generators[i])
             token_ids[i] = (probs[row] / race).max(-1).indices
-    normalizer = logits.logsumexp(-1, keepdim=True)
     chosen = (logits.gather(1, token_ids[:, None]) - normalizer).squeeze(1)
     top_n = max((p.top_n_tokens for p in params), default=0)
     top_ids: list[list[int]] = [[] for _ in params]

@@ -1,0 +1,43 @@
+"""The logits kernel (``tgi_core.engine.logits_kernel``) against torch's max and
+logsumexp: same indices (the first of equal maxima), normalizers to float32 rounding,
+and None (torch's path) wherever it does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tgi_core.engine import logits_kernel
+from tgi_core.engine.logits_kernel import greedy_logsumexp
+
+pytestmark = pytest.mark.skipif(
+    logits_kernel._library() is None, reason="no C++ compiler to build the kernel"
+)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (64, 49152), (5, 1000)])
+def test_matches_torch(shape: tuple[int, int]) -> None:
+    logits = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1])) * 8
+    got = greedy_logsumexp(logits)
+    assert got is not None
+    indices, normalizer = got
+    assert torch.equal(indices, logits.max(-1).indices)
+    torch.testing.assert_close(normalizer, logits.logsumexp(-1, keepdim=True), rtol=1e-6, atol=1e-5)
+
+
+def test_ties_masked_entries_and_strided_rows() -> None:
+    base = torch.full((4, 12), float("-inf"))
+    base[:, 3] = base[:, 7] = 2.0  # a tie: the first index wins, as torch's max
+    base[1, 5] = 1.0
+    logits = base[::2]  # rows 24 floats apart
+    indices, normalizer = greedy_logsumexp(logits)  # type: ignore[misc]
+    assert indices.tolist() == [3, 3]
+    torch.testing.assert_close(normalizer, logits.logsumexp(-1, keepdim=True))
+
+
+def test_where_it_does_not_apply_it_says_so() -> None:
+    assert greedy_logsumexp(torch.randn(2, 8).bfloat16()) is None
+    assert greedy_logsumexp(torch.randn(8, 2).T) is None  # columns not dense
+    with_nan = torch.randn(3, 8)
+    with_nan[1, 4] = float("nan")
+    assert greedy_logsumexp(with_nan) is None  # torch's NaN semantics apply
