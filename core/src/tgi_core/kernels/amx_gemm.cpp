@@ -1,9 +1,10 @@
 // bf16 linear layers on Intel AMX: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), float32
-// accumulation, bf16 output rounded to nearest even.
+// accumulation, bf16 output rounded to nearest even; W in bf16, or in int8 with one
+// scale per output feature (widened to bf16 tiles here, exact, scaled at the store).
 //
 // Why not oneDNN: at decode batch sizes a linear layer is a stream over its weight, and
-// oneDNN's AMX matmul on a prepacked weight read it at 15-20 GB/s on this project's
-// machines, where a plain prefetched stream reaches ~37 GB/s (docs/benchmarks.md).
+// oneDNN's AMX matmul on a prepacked weight read it at 14-19 GB/s on this project's
+// machine, where a plain prefetched read reaches 28-29 GB/s (docs/benchmarks.md).
 // This kernel reads the weight once per call, in the order it is stored, prefetching
 // 4 KB ahead, and reuses each weight tile across up to 32 rows of x.
 //
@@ -18,6 +19,7 @@
 // rows stay in L2 while a block of weights is reused across them.
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <type_traits>
