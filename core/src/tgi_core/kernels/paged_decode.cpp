@@ -7,6 +7,12 @@
 // max_blocks]; seq_lens [S]. The query heads h * G .. h * G + G - 1 share key/value head
 // h (G = H / Hkv). Scores and sums in float32; bf16 out rounded to nearest even. No
 // masks, windows or position biases: the caller keeps those on its general path.
+//
+// Two paths: bf16 caches with head size 64 or 128 on AVX-512 BF16 take one pass over a
+// sequence's positions, 16 at a time, keys and values of a block together, with a
+// running max and sum per query head (attend_blocks); everything else takes three
+// passes (scores, softmax, weighted values). Optionally the step's new key and value
+// rows are written to their slots first, by the thread that then reads them.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
