@@ -48,6 +48,7 @@ def cpu_flags() -> set[str]:
 
 
 def _build(source_name: str, source: str, target: Path, flags: tuple[str, ...]) -> None:
+    """Compile ``source`` (its ``#include "..."`` headers found in this package)."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         raise RuntimeError("no C++ compiler ($CXX, c++ or g++)")
@@ -56,7 +57,7 @@ def _build(source_name: str, source: str, target: Path, flags: tuple[str, ...]) 
         cpp, built = Path(scratch) / source_name, Path(scratch) / target.name
         cpp.write_text(source)
         result = subprocess.run(
-            [compiler, *flags, str(cpp), "-o", str(built)],
+            [compiler, *flags, f"-I{Path(__file__).parent}", str(cpp), "-o", str(built)],
             capture_output=True,
             text=True,
             check=False,
@@ -71,10 +72,12 @@ def load_library(source_name: str, march: str = "native") -> ctypes.CDLL:
     ``-march=march``, from the per-user cache or built now; raises ``RuntimeError`` or
     ``OSError`` when it cannot be built or loaded. Declaring the functions' argument
     types is the caller's job."""
-    source = (Path(__file__).parent / source_name).read_text()
+    folder = Path(__file__).parent
+    source = (folder / source_name).read_text()
+    headers = [header.read_text() for header in sorted(folder.glob("*.h"))]
     flags = (*FLAGS, f"-march={march}")
     features = " ".join(sorted(cpu_flags())) if march == "native" else ""
-    key = hashlib.sha256("\n".join([source, *flags, features]).encode()).hexdigest()
+    key = hashlib.sha256("\n".join([source, *headers, *flags, features]).encode()).hexdigest()
     cache = Path(os.environ.get("TGI_KERNEL_CACHE") or Path.home() / ".cache/tgi/kernels")
     target = cache / f"{Path(source_name).stem}-{key[:16]}.so"
     if not target.exists():

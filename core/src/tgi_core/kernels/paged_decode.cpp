@@ -17,6 +17,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#include "exp_nonpositive.h"
 #include <type_traits>
 #include <vector>
 
@@ -26,6 +28,8 @@
 #endif
 
 namespace {
+
+using ::exp_nonpositive;  // the scalar one (exp_nonpositive.h), beside the vector one below
 
 // Position l of a sequence in a cache laid out [slots, Hkv, D]: its row of Hkv * D
 // values (``stride``), found through the sequence's block table.
@@ -65,25 +69,6 @@ inline void from_float(float x, uint16_t* out) {
   }
   bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
   *out = static_cast<uint16_t>(bits >> 16);
-}
-
-// exp(x) for x <= 0 (scores minus their max), vectorizable: 2^n * e^r with |r| <= ln2/2
-// and Cephes' polynomial for e^r (about 1 ulp); under -87 it returns ~0, as expf does.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return p * scale;
 }
 
 #if defined(__AVX512BF16__)
