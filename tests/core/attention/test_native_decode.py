@@ -48,6 +48,10 @@ CASES = {
     "smollm-like (3 per group, 64)": dict(heads=9, kv_heads=3, head_dim=64, block_size=16),
     "qwen-like (7 per group, 64)": dict(heads=14, kv_heads=2, head_dim=64, block_size=16),
     "mha, 128": dict(heads=4, kv_heads=4, head_dim=128, block_size=4),
+    "llama3-like (4 per group, 128, items of 16 heads)": dict(
+        heads=32, kv_heads=8, head_dim=128, block_size=16
+    ),
+    "smollm-like in blocks of 32": dict(heads=9, kv_heads=3, head_dim=64, block_size=32),
     "mqa, 80 (no specialized path)": dict(heads=6, kv_heads=1, head_dim=80, block_size=3),
 }
 
@@ -88,18 +92,49 @@ def test_portable_build_matches_plain_attention(dtype) -> None:
     assert (got.double() - expected).abs().max().item() <= tolerance
 
 
-def test_kernel_uses_only_each_sequences_own_positions() -> None:
-    """Garbage (NaN) in every slot a sequence does not own never reaches its output."""
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_kernel_uses_only_each_sequences_own_positions(block_size) -> None:
+    """Garbage (NaN) in every slot a sequence does not own never reaches its output, the
+    rest of a last block included (the AMX path multiplies all 16 rows of a run)."""
     q, keys, values, tables, lengths = scenario(
-        1, heads=9, kv_heads=3, head_dim=64, block_size=4, lengths=[6, 3], dtype=torch.bfloat16
+        1,
+        heads=9,
+        kv_heads=3,
+        head_dim=64,
+        block_size=block_size,
+        lengths=[6, 3, 21, 1, 16],
+        dtype=torch.bfloat16,
     )
     owned = torch.zeros(keys.shape[0], dtype=torch.bool)
     for s, length in enumerate(lengths.tolist()):
         positions = torch.arange(length)
-        owned[tables[s, positions // 4] * 4 + positions % 4] = True
+        owned[tables[s, positions // block_size] * block_size + positions % block_size] = True
     keys[~owned], values[~owned] = float("nan"), float("nan")
-    out = paged_decode(q, keys, values, tables, lengths, 4, 0.125)
+    out = paged_decode(q, keys, values, tables, lengths, block_size, 0.125)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("case", ["smollm-like (3 per group, 64)", "qwen-like (7 per group, 64)"])
+@pytest.mark.parametrize("lengths", [[1, 17, 40, 5, 33, 190], [29]])
+def test_scores_on_amx_tiles_agree_with_the_vector_path(case, lengths) -> None:
+    """Where the build has AMX and the OS grants it, the scores run as tile products;
+    with the tiles switched off the same kernel takes AVX-512 dot products. Both sum
+    exact bf16 products in float32, in another order: they agree to float32 rounding
+    before the output's one bf16 rounding (at most one bf16 step apart)."""
+    library = native.load_kernel()
+    if not native.use_tiles(library, True):
+        pytest.skip("no AMX here (the vector path is the only one)")
+    layout = CASES[case]
+    q, keys, values, tables, lengths_t = scenario(
+        5, lengths=lengths, dtype=torch.bfloat16, **layout
+    )
+    args = (q, keys, values, tables, lengths_t, layout["block_size"], 0.125)
+    tiles = paged_decode(*args, library=library)
+    native.use_tiles(library, False)
+    vectors = paged_decode(*args, library=library)
+    assert (tiles.float() - vectors.float()).abs().max().item() <= 2**-7
+    expected = reference(*args)
+    assert (tiles.double() - expected).abs().max().item() <= 1.5e-2
 
 
 def test_kernel_refuses_mismatched_dtypes() -> None:

@@ -26,6 +26,8 @@ log = get_logger("tgi_core.attention")
 
 #: Set to ``0`` to keep the gather + SDPA decode path (comparisons, debugging).
 ENV_SWITCH = "TGI_CPU_DECODE_KERNEL"
+#: Set to ``0`` to keep the kernel's scores off AMX tiles (AVX-512 dot products instead).
+TILES_SWITCH = "TGI_CPU_AMX_DECODE"
 
 
 def load_kernel(march: str = "native") -> ctypes.CDLL:
@@ -38,7 +40,16 @@ def load_kernel(march: str = "native") -> ctypes.CDLL:
         function.argtypes = [pointer] * 6 + [int64] * 6 + [ctypes.c_float]
         function.argtypes += [pointer] * 3 + [int64] * 3
         function.restype = ctypes.c_int
+    library.tgi_paged_decode_use_tiles.argtypes = [ctypes.c_int]
+    library.tgi_paged_decode_use_tiles.restype = ctypes.c_int
+    use_tiles(library, os.environ.get(TILES_SWITCH, "1") != "0")
     return library
+
+
+def use_tiles(library: ctypes.CDLL, enable: bool) -> bool:
+    """Turns ``library``'s AMX score path on or off (on needs AMX at build time and the
+    OS's grant of the tile state); returns whether it is on."""
+    return bool(library.tgi_paged_decode_use_tiles(int(enable)))
 
 
 @functools.cache

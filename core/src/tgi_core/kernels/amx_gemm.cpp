@@ -27,8 +27,8 @@
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #include <omp.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+
+#include "amx_tiles.h"
 
 namespace {
 
@@ -38,14 +38,6 @@ constexpr int64_t kTileBytes = 1024;      // one B tile: 16 k-pairs x 16 columns
 constexpr int64_t kTileElems = kTileBytes / 2;
 constexpr int64_t kPrefetchAhead = 4096;  // bytes of weight to prefetch ahead of the load
 constexpr int64_t kSuperRows = 512;
-
-struct TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
 
 // tiles 0-3: C (row group 0/1 x column tile 0/1), 4-5: A (row group 0/1), 6-7: B
 void configure_tiles(int rows) {
@@ -203,10 +195,7 @@ void linear(const bf16* x, int64_t M, int64_t K, const W* w, int64_t N, const bf
 extern "C" int tgi_amx_available() { return 1; }
 
 // Asks the kernel for permission to use the AMX tile state (Linux 5.16+); 0 on success.
-extern "C" int tgi_amx_init() {
-  constexpr int kArchRequestXcompPerm = 0x1023, kXfeatureTileData = 18;
-  return static_cast<int>(syscall(SYS_arch_prctl, kArchRequestXcompPerm, kXfeatureTileData));
-}
+extern "C" int tgi_amx_init() { return request_amx_permission(); }
 
 // x [M, K] (rows contiguous), w packed as above for N outputs, bias [N] or null,
 // y [M, N]; all bf16. M >= 1, K % 32 == 0.

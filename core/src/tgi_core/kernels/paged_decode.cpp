@@ -8,11 +8,14 @@
 // h (G = H / Hkv). Scores and sums in float32; bf16 out rounded to nearest even. No
 // masks, windows or position biases: the caller keeps those on its general path.
 //
-// Two paths: bf16 caches with head size 64 or 128 on AVX-512 BF16 take one pass over a
+// Three paths: bf16 caches with head size 64 or 128 on AVX-512 BF16 take one pass over a
 // sequence's positions, 16 at a time, keys and values of a block together, with a
-// running max and sum per query head (attend_blocks); everything else takes three
-// passes (scores, softmax, weighted values). Optionally the step's new key and value
-// rows are written to their slots first, by the thread that then reads them.
+// running max and sum per query head (attend_blocks); where the build has AMX, the OS
+// grants it (tgi_paged_decode_use_tiles) and a cache block holds a multiple of 16
+// positions, the same pass computes a block's scores as tile products (attend_tiles);
+// everything else takes three passes (scores, softmax, weighted values). Optionally the
+// step's new key and value rows are written to their slots first, by the thread that
+// then reads them.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -25,6 +28,9 @@
 #include <omp.h>
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include "amx_tiles.h"
 #endif
 
 namespace {
@@ -197,26 +203,59 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
 }
 
-// acc[g] = acc[g] * rescale[g] + sum_i p[g * 16 + i] * v_i for GT query heads sharing a
-// value head, over the n rows of one 16-position block; accumulators in registers
+// acc[g] = acc[g] * rescale[g] + sum_i p[g * head_step + i * row_step] * v_i for GT query
+// heads sharing a value head, over the n rows of one 16-position block; accumulators in
+// registers
 template <int64_t D, int GT>
-inline void weigh_block(float* acc, const float* p, const float* rescale,
-                        const uint16_t* const* rows, int64_t offset, int n) {
+inline void weigh_block(float* acc, const float* p, int64_t head_step, int64_t row_step,
+                        const float* rescale, const uint16_t* const* rows, int64_t offset,
+                        int n, const uint16_t* const* ahead) {
   __m512 a[GT][D / 16];
   for (int g = 0; g < GT; ++g) {
     const __m512 factor = _mm512_set1_ps(rescale[g]);
     for (int c = 0; c < D / 16; ++c) a[g][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + g * D + 16 * c), factor);
   }
   for (int i = 0; i < n; ++i) {
+    if (ahead != nullptr)  // a later block's keys and values, a few lines per row
+      for (int half = 0; half < 2; ++half)
+        for (int64_t byte = 0; byte < D * 2; byte += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(ahead[i + 16 * half] + offset) + byte, _MM_HINT_T0);
     __m512 row[D / 16];
     for (int c = 0; c < D / 16; ++c) row[c] = load_bf16(rows[i] + offset + 16 * c);
     for (int g = 0; g < GT; ++g) {
-      const __m512 weight = _mm512_set1_ps(p[g * 16 + i]);
+      const __m512 weight = _mm512_set1_ps(p[g * head_step + i * row_step]);
       for (int c = 0; c < D / 16; ++c) a[g][c] = _mm512_fmadd_ps(weight, row[c], a[g][c]);
     }
   }
   for (int g = 0; g < GT; ++g)
     for (int c = 0; c < D / 16; ++c) _mm512_storeu_ps(acc + g * D + 16 * c, a[g][c]);
+}
+
+// Every value head's weighted rows of one block into acc ([count][D]): weigh_block over
+// the query heads of each, GT at a time (as many accumulators as fit the 32 registers).
+// The weight of query head j and row i is p[j * head_step + i * row_step].
+template <int64_t D>
+inline void weigh_heads(float* acc, const float* p, int64_t head_step, int64_t row_step,
+                        const float* rescale, const uint16_t* const* rows, int64_t h0,
+                        int64_t heads, int64_t G, int n,
+                        const uint16_t* const* ahead = nullptr) {
+  constexpr int kTile = D <= 64 ? 4 : 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    const int64_t offset = (h0 + h) * D;
+    for (int64_t g = 0; g < G; g += kTile) {
+      const int64_t j = h * G + g;
+      float* a = acc + j * D;
+      const float* pj = p + j * head_step;
+      const float* rj = rescale + j;
+      const uint16_t* const* pf = g == 0 ? ahead : nullptr;
+      switch (std::min<int64_t>(kTile, G - g)) {
+        case 4: weigh_block<D, (kTile >= 4 ? 4 : 1)>(a, pj, head_step, row_step, rj, rows, offset, n, pf); break;
+        case 3: weigh_block<D, (kTile >= 3 ? 3 : 1)>(a, pj, head_step, row_step, rj, rows, offset, n, pf); break;
+        case 2: weigh_block<D, 2>(a, pj, head_step, row_step, rj, rows, offset, n, pf); break;
+        default: weigh_block<D, 1>(a, pj, head_step, row_step, rj, rows, offset, n, pf);
+      }
+    }
+  }
 }
 
 // One work item in a single pass over the positions, 16 at a time (flash-decoding):
@@ -263,28 +302,130 @@ void attend_blocks(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v
       total[j] = total[j] * rescale[j] + _mm512_reduce_add_ps(weights);
       running_max[j] = new_max;
     }
-    constexpr int kTile = D <= 64 ? 4 : 2;  // accumulators that fit the 32 registers
-    for (int64_t h = 0; h < heads; ++h) {
-      const int64_t offset = (h0 + h) * D;
-      for (int64_t g = 0; g < G; g += kTile) {
-        const int64_t j = h * G + g;
-        float* a = acc + j * D;
-        const float* pj = p + j * 16;
-        const float* rj = rescale + j;
-        switch (std::min<int64_t>(kTile, G - g)) {
-          case 4: weigh_block<D, (kTile >= 4 ? 4 : 1)>(a, pj, rj, v_rows, offset, n); break;
-          case 3: weigh_block<D, (kTile >= 3 ? 3 : 1)>(a, pj, rj, v_rows, offset, n); break;
-          case 2: weigh_block<D, 2>(a, pj, rj, v_rows, offset, n); break;
-          default: weigh_block<D, 1>(a, pj, rj, v_rows, offset, n);
-        }
-      }
-    }
+    weigh_heads<D>(acc, p, 16, 1, rescale, v_rows, h0, heads, G, n, nullptr);
   }
   for (int64_t j = 0; j < count; ++j) {
     const float inverse = 1.f / total[j];
     for (int64_t d = 0; d < D; ++d) from_float(acc[j * D + d] * inverse, out + j * D + d);
   }
 }
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define TGI_DECODE_TILES 1
+constexpr bool kTiles = true;
+constexpr int64_t kAheadBlocks = 2;  // 16-position blocks prefetched ahead by attend_tiles
+
+// Tiles for the scores of one block: 0 holds C, [16 positions][16 query heads] float32;
+// 1 a block's keys of one key/value head (A: 16 rows of 32 values, the cache's row
+// stride); 2 the matching queries (B, packed by pack_queries).
+inline void configure_score_tiles() {
+  TileConfig config{};
+  config.palette_id = 1;
+  for (int tile = 0; tile < 3; ++tile) {
+    config.rows[tile] = 16;
+    config.colsb[tile] = 64;
+  }
+  _tile_loadconfig(&config);
+}
+inline void release_score_tiles() { _tile_release(); }
+
+// The item's count <= 16 query heads as TDPBF16PS B operands: [heads][D / 32][16 pairs of
+// dimensions][16 columns][2]; column j is query head j where j belongs to key/value head
+// h (j / G == h), zero elsewhere, so the sum over every (h, chunk) tile product gives
+// each head its own key's dot product.
+template <int64_t D>
+void pack_queries(const uint16_t* q, int64_t G, int64_t heads, uint16_t* packed) {
+  constexpr int64_t kChunks = D / 32;
+  std::fill(packed, packed + heads * kChunks * 512, uint16_t{0});
+  for (int64_t j = 0; j < heads * G; ++j) {
+    const int64_t h = j / G;
+    for (int64_t d = 0; d < D; ++d)
+      packed[((h * kChunks + d / 32) * 16 + (d % 32) / 2) * 32 + 2 * j + d % 2] = q[j * D + d];
+  }
+}
+
+// Per-thread buffers of attend_tiles: packed queries, one block's scores and weights
+// ([16 positions][16 heads]), the accumulated values and the running statistics.
+struct TileScratch {
+  std::vector<uint16_t> queries;
+  std::vector<float> acc;
+  alignas(64) float scores[256];
+  alignas(64) float weights[256];
+  alignas(64) float rescale[16];
+  alignas(64) float total[16];
+  TileScratch(int64_t H, int64_t D) : queries(H * D * 16), acc(H * D) {}
+};
+
+// attend_blocks with the scores on AMX, for a cache whose 16-position runs are
+// contiguous (block_size % 16 == 0) and an item of count = heads * G <= 16 query heads.
+// A block's scores are one tile, [position][query head]: the softmax statistics run 16
+// heads to a vector, and the weights are read per (row, head) by weigh_heads. Rows past
+// the sequence inside its last block are multiplied (the tile takes 16) but never read.
+template <int64_t D>
+void attend_tiles(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                  const int64_t* table, int64_t len, uint16_t* out, int64_t G, int64_t Hkv,
+                  int64_t block_size, float scale, int64_t h0, int64_t heads,
+                  TileScratch& scratch) {
+  constexpr int64_t kChunks = D / 32;
+  const int64_t count = heads * G, stride = Hkv * D;
+  pack_queries<D>(q, G, heads, scratch.queries.data());
+  float* acc = scratch.acc.data();
+  std::fill(acc, acc + count * D, 0.f);
+  __m512 running_max = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  auto first_slot = [&](int64_t l0) {
+    return table[l0 / block_size] * block_size + l0 % block_size;
+  };
+  for (int64_t l0 = 0, slot0 = first_slot(0); l0 < len; l0 += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, len - l0));
+    const int64_t next = l0 + 16 < len ? first_slot(l0 + 16) : -1;
+    // rows kAheadBlocks blocks on: weigh_heads prefetches their keys and values as it
+    // goes, a few lines per row (a burst of them all would stall on the fill buffers)
+    const uint16_t* ahead_rows[32];
+    const bool prefetch = l0 + 16 * kAheadBlocks < len;
+    if (prefetch) {
+      const int64_t at = first_slot(l0 + 16 * kAheadBlocks);
+      for (int64_t i = 0; i < 16; ++i) {
+        ahead_rows[i] = k_cache + (at + i) * stride;
+        ahead_rows[16 + i] = v_cache + (at + i) * stride;
+      }
+    }
+    const uint16_t* keys = k_cache + slot0 * stride + h0 * D;
+    _tile_zero(0);
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t c = 0; c < kChunks; ++c) {
+        _tile_loadd(1, keys + h * D + c * 32, stride * 2);
+        _tile_loadd(2, scratch.queries.data() + (h * kChunks + c) * 512, 64);
+        _tile_dpbf16ps(0, 1, 2);
+      }
+    _tile_stored(0, scratch.scores, 64);
+    __m512 block_max = _mm512_load_ps(scratch.scores);
+    for (int i = 1; i < n; ++i) block_max = _mm512_max_ps(block_max, _mm512_load_ps(scratch.scores + 16 * i));
+    const __m512 new_max = _mm512_max_ps(running_max, _mm512_mul_ps(block_max, scale_v));
+    const __m512 rescale = exp_nonpositive(_mm512_sub_ps(running_max, new_max));  // ~0 at first
+    __m512 sum = _mm512_setzero_ps();
+    for (int i = 0; i < n; ++i) {
+      const __m512 scaled = _mm512_mul_ps(_mm512_load_ps(scratch.scores + 16 * i), scale_v);
+      const __m512 weight = exp_nonpositive(_mm512_sub_ps(scaled, new_max));
+      _mm512_store_ps(scratch.weights + 16 * i, weight);
+      sum = _mm512_add_ps(sum, weight);
+    }
+    total = _mm512_fmadd_ps(total, rescale, sum);
+    running_max = new_max;
+    _mm512_store_ps(scratch.rescale, rescale);
+    const uint16_t* v_rows[16];
+    for (int i = 0; i < n; ++i) v_rows[i] = v_cache + (slot0 + i) * stride;
+    weigh_heads<D>(acc, scratch.weights, 1, 16, scratch.rescale, v_rows, h0, heads, G, n,
+                   prefetch ? ahead_rows : nullptr);
+    slot0 = next;
+  }
+  _mm512_store_ps(scratch.total, total);
+  for (int64_t j = 0; j < count; ++j) {
+    const float inverse = 1.f / scratch.total[j];
+    for (int64_t d = 0; d < D; ++d) from_float(acc[j * D + d] * inverse, out + j * D + d);
+  }
+}
+#endif
 
 #else  // never called: the branches that would are discarded at compile time
 constexpr bool kBf16Dot = false;
@@ -296,6 +437,19 @@ void weighted_values_any(const uint16_t*, const int64_t*, int64_t, int64_t, int6
 template <int64_t D>
 void attend_blocks(const uint16_t*, const uint16_t*, const uint16_t*, const int64_t*, int64_t,
                    uint16_t*, int64_t, int64_t, int64_t, float, int64_t, int64_t, float*) {}
+#endif
+
+#if !defined(TGI_DECODE_TILES)  // never called: kTiles is false
+constexpr bool kTiles = false;
+struct TileScratch {
+  TileScratch(int64_t, int64_t) {}
+};
+inline void configure_score_tiles() {}
+inline void release_score_tiles() {}
+inline int request_amx_permission() { return -1; }
+template <int64_t D>
+void attend_tiles(const uint16_t*, const uint16_t*, const uint16_t*, const int64_t*, int64_t,
+                  uint16_t*, int64_t, int64_t, int64_t, float, int64_t, int64_t, TileScratch&) {}
 #endif
 
 
@@ -377,15 +531,24 @@ void weigh(const T* v_cache, const int64_t* table, int64_t len, int64_t G, int64
   }
 }
 
-// One work item: a sequence's key/value heads [h0, h1) and all their query heads.
+// Whether the AMX score path may run: the library has it and the OS granted the tiles.
+bool g_tiles = false;
+
+// One work item: a sequence's key/value heads [h0, h1) and all their query heads; with
+// ``tiles``, through attend_tiles (the caller checked its conditions).
 template <typename T, int64_t FixedD>
 void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t len,
             T* out, int64_t H, int64_t Hkv, int64_t AnyD, int64_t block_size, float scale,
             int64_t h0, int64_t h1, float* qf, float* scores, float* acc, float* row,
-            float* inv_total, float* block_scratch) {
+            float* inv_total, float* block_scratch, TileScratch* tiles) {
   const int64_t D = FixedD ? FixedD : AnyD;
   const int64_t G = H / Hkv, heads = h1 - h0, first = h0 * G * D;
   if constexpr (std::is_same_v<T, uint16_t> && kBf16Dot && (FixedD == 64 || FixedD == 128)) {
+    if (tiles != nullptr) {
+      attend_tiles<FixedD>(q + first, k_cache, v_cache, table, len, out + first, G, Hkv,
+                           block_size, scale, h0, heads, *tiles);
+      return;
+    }
     attend_blocks<FixedD>(q + first, k_cache, v_cache, table, len, out + first, G, Hkv,
                           block_size, scale, h0, heads, block_scratch);
     return;
@@ -414,14 +577,26 @@ void decode(const T* q, T* k_cache, T* v_cache, const int64_t* block_tables,
             int64_t block_size, int64_t max_blocks, float scale, const NewRows<T>* new_rows) {
   int64_t max_len = 1;
   for (int64_t s = 0; s < S; ++s) max_len = std::max(max_len, seq_lens[s]);
+  // The AMX score path takes bf16 heads of 64 or 128, runs of 16 positions in one cache
+  // block, and items of at most 16 query heads: tile_split items per sequence, the
+  // fewest that keep to that (0: no tiles here).
+  const int64_t G = H / Hkv;
+  int64_t tile_split = 0;
+  if constexpr (std::is_same_v<T, uint16_t> && kTiles && (FixedD == 64 || FixedD == 128)) {
+    if (g_tiles && block_size % 16 == 0)
+      for (int64_t parts = 1; parts <= Hkv && !tile_split; ++parts)
+        if (Hkv % parts == 0 && (Hkv / parts) * G <= 16) tile_split = parts;
+  }
   // whole sequences (every head reads each cached row once, in order) when there are
   // enough of them to share among the threads; one key/value head per item otherwise
-  const int64_t split = S >= 2 * omp_get_max_threads() ? 1 : Hkv;
+  const int64_t split = S < 2 * omp_get_max_threads() ? Hkv : std::max<int64_t>(tile_split, 1);
   const int64_t heads = Hkv / split;
 #pragma omp parallel
   {
     std::vector<float> qf(H * D), scores(H * max_len), acc(H * D), row(Hkv * D), inv(H);
     std::vector<float> block_scratch(H * (D + 19));
+    TileScratch tile_scratch(tile_split ? H : 0, D);
+    if (tile_split) configure_score_tiles();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < S * split; ++item) {
       const int64_t s = item / split, h0 = (item % split) * heads;
@@ -433,8 +608,9 @@ void decode(const T* q, T* k_cache, T* v_cache, const int64_t* block_tables,
       attend<T, FixedD>(q + s * H * D, k_cache, v_cache, block_tables + s * max_blocks,
                         seq_lens[s], out + s * H * D, H, Hkv, D, block_size, scale, h0,
                         h0 + heads, qf.data(), scores.data(), acc.data(), row.data(), inv.data(),
-                        block_scratch.data());
+                        block_scratch.data(), tile_split ? &tile_scratch : nullptr);
     }
+    if (tile_split) release_score_tiles();
   }
 }
 
@@ -477,4 +653,11 @@ int tgi_paged_decode_f32(const float* q, float* k, float* v, const int64_t* tabl
   return dispatch(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale, new_k,
                   new_v, new_slots, new_k_stride, new_v_stride, num_slots);
 }
+}
+
+// Turns the AMX score path on (asking the OS for the tile state) or off; returns whether
+// it is on. Off until called: a library without AMX, or a refused request, stays off.
+extern "C" int tgi_paged_decode_use_tiles(int enable) {
+  g_tiles = enable && kTiles && request_amx_permission() == 0;
+  return g_tiles ? 1 : 0;
 }
