@@ -7,6 +7,8 @@ head sizes with a specialized path (64, 128) and without one (80).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -130,8 +132,11 @@ def test_scores_on_amx_tiles_agree_with_the_vector_path(case, lengths) -> None:
     )
     args = (q, keys, values, tables, lengths_t, layout["block_size"], 0.125)
     tiles = paged_decode(*args, library=library)
-    native.use_tiles(library, False)
-    vectors = paged_decode(*args, library=library)
+    try:  # the library is the process's one: the switch is put back for the other tests
+        native.use_tiles(library, False)
+        vectors = paged_decode(*args, library=library)
+    finally:
+        native.use_tiles(library, os.environ.get(native.TILES_SWITCH, "1") != "0")
     assert (tiles.float() - vectors.float()).abs().max().item() <= 2**-7
     expected = reference(*args)
     assert (tiles.double() - expected).abs().max().item() <= 1.5e-2
