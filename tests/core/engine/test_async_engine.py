@@ -67,6 +67,40 @@ def test_concurrent_streams_equal_the_offline_engine(engine, checkpoint) -> None
     assert engine.stats.kv_blocks_used == 0
 
 
+def test_a_step_wakes_each_event_loop_once(engine) -> None:
+    requests = [request(f"w{i}", ids) for i, ids in enumerate(prompts(8))]
+    steps = 0
+    step = engine.engine.step
+
+    def counted_step():
+        nonlocal steps
+        steps += 1
+        return step()
+
+    engine.engine.step = counted_step
+    wakes = 0
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        call_soon_threadsafe = loop.call_soon_threadsafe
+
+        def counted(*args, **kwargs):
+            nonlocal wakes
+            wakes += 1
+            return call_soon_threadsafe(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+
+        async def collect(req):
+            return [event.token_id async for event in engine.generate(req)]
+
+        return await asyncio.gather(*(collect(r) for r in requests))
+
+    results = asyncio.run(main())
+    assert [len(tokens) for tokens in results] == [8] * len(requests)
+    assert 0 < wakes <= steps < 8 * len(requests)
+
+
 def test_a_refused_request_raises_and_others_go_on(engine) -> None:
     async def main():
         with pytest.raises(RequestError, match="prompt is empty"):

@@ -2,10 +2,12 @@
 
 ``async for event in engine.generate(request)`` streams a request's token events. The
 engine thread owns the :class:`~tgi_core.engine.engine.Engine`: requests reach it through
-a thread-safe command queue, and events come back to each caller's asyncio queue with
-``loop.call_soon_threadsafe`` (torch releases the GIL inside its ops, so the event loop
-stays responsive while a step runs). A caller that stops iterating (a client that went
-away) cancels its request; its blocks are free after the engine's next step.
+a thread-safe command queue, and a step's events come back to the callers' asyncio
+queues with one ``loop.call_soon_threadsafe`` per event loop (each wakes the loop
+through a pipe: one wake a step instead of one per stream); torch releases the GIL
+inside its ops, so the event loop stays responsive while a step runs. A caller that
+stops iterating (a client that went away) cancels its request; its blocks are free
+after the engine's next step.
 """
 
 from __future__ import annotations
@@ -96,15 +98,24 @@ class AsyncEngine:
         self._wake.set()
 
     def _deliver(self, request_id: str, item: TokenEvent | BaseException) -> None:
-        stream = self._streams.get(request_id)
-        if stream is None:
-            return
-        if isinstance(item, BaseException) or item.done:
-            del self._streams[request_id]
-        try:
-            stream.loop.call_soon_threadsafe(stream.events.put_nowait, item)
-        except RuntimeError:  # the caller's loop is closed: nobody is listening
-            self.engine.abort(request_id)
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, TokenEvent | BaseException]]) -> None:
+        """Put each item in its request's queue, in order, with one wake per event loop."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[str, _Stream, Any]]] = {}
+        for request_id, item in items:
+            stream = self._streams.get(request_id)
+            if stream is None:
+                continue
+            if isinstance(item, BaseException) or item.done:
+                del self._streams[request_id]
+            batches.setdefault(stream.loop, []).append((request_id, stream, item))
+        for loop, batch in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the callers' loop is closed: nobody is listening
+                for request_id, _, _ in batch:
+                    self.engine.abort(request_id)
 
     def _drain_commands(self) -> None:
         while True:
@@ -161,7 +172,11 @@ class AsyncEngine:
                 log.exception("engine step crashed")
                 continue
             self._stats = self.engine.stats()
-            for event in events:
-                self._deliver(event.request_id, event)
-        for request_id in list(self._streams):
-            self._deliver(request_id, RuntimeError("the engine is shutting down"))
+            self._deliver_all([(event.request_id, event) for event in events])
+        closing = "the engine is shutting down"
+        self._deliver_all([(request_id, RuntimeError(closing)) for request_id in self._streams])
+
+
+def _put_all(batch: list[tuple[str, _Stream, Any]]) -> None:
+    for _, stream, item in batch:
+        stream.events.put_nowait(item)
