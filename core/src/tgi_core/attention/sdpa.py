@@ -341,13 +341,17 @@ class SdpaBackend(AttentionBackend):
         plain = layer.alibi_slopes is None and layer.position_bias is None
         if p.num_cached == 0 and layer.sliding_window is None and plain:
             return None  # plain causal attention over the prompt itself
+        if plain:  # the same for every layer with this window: built once a step
+            window = ("prefill", p.start, layer.sliding_window, dtype)
+            if window not in plan.memo:
+                allowed = SdpaBackend._prefill_allowed(layer, p, num_keys)
+                # additive, in the compute dtype: SDPA would convert a boolean mask itself
+                additive = torch.zeros(allowed.shape, dtype=dtype)
+                plan.memo[window] = additive.masked_fill_(~allowed, float("-inf"))
+            return plan.memo[window]
+        allowed = SdpaBackend._prefill_allowed(layer, p, num_keys)
         query_pos = torch.arange(p.num_cached, p.num_cached + p.end - p.start)[:, None]
         key_pos = torch.arange(num_keys)[None, :]
-        allowed = key_pos <= query_pos
-        if layer.sliding_window is not None:
-            allowed &= query_pos - key_pos < layer.sliding_window
-        if plain:
-            return allowed
         if layer.position_bias is not None:
             key = ("prefill", p.start, id(layer.position_bias))
             if key not in plan.memo:
@@ -357,6 +361,16 @@ class SdpaBackend(AttentionBackend):
         assert layer.alibi_slopes is not None
         bias = layer.alibi_slopes.float()[:, None, None] * key_pos.float()  # [H, 1, L]
         return bias.masked_fill(~allowed, float("-inf")).unsqueeze(0)
+
+    @staticmethod
+    def _prefill_allowed(layer: Attention, p: _Prefill, num_keys: int) -> torch.Tensor:
+        """``[n, num_keys]``: which keys each of the chunk's queries may attend."""
+        query_pos = torch.arange(p.num_cached, p.num_cached + p.end - p.start)[:, None]
+        key_pos = torch.arange(num_keys)[None, :]
+        allowed = key_pos <= query_pos
+        if layer.sliding_window is not None:
+            allowed &= query_pos - key_pos < layer.sliding_window
+        return allowed
 
     def _encoder(
         self,
