@@ -94,6 +94,24 @@ def test_engine_warm_up_compiles_and_frees_its_blocks(llama: Path) -> None:
     assert engine.blocks.num_used == 0
 
 
+def test_a_compiled_step_computes_the_rotary_angles_once(llama: Path) -> None:
+    """Traced, inductor would evaluate cos and sin again inside every layer's rotation;
+    the ``tgi::rotary_cos_sin`` op computes them once a step (2 layers here)."""
+    engine = build_engine(llama, num_blocks=64, block_size=4, compile=True)
+    engine.warm_up()
+    engine.add_request(
+        GenerateRequest(
+            request_id="r",
+            prompt_token_ids=tuple(prompts()[2]),
+            stopping=StoppingParams(max_new_tokens=3, ignore_eos=True),
+        )
+    )
+    with torch.profiler.profile() as profile:
+        steps = sum(1 for _ in range(3) if engine.step())
+    calls = [e.count for e in profile.key_averages() if e.key == "tgi::rotary_cos_sin"]
+    assert steps == 3 and calls == [3]
+
+
 @pytest.mark.slow
 def test_served_compiled_equals_served_eager(llama: Path) -> None:
     body = {"inputs": "the", "parameters": {"max_new_tokens": 12, "decoder_input_details": False}}

@@ -237,16 +237,19 @@ def test_rotary_cos_sin_match_transformers(name: str) -> None:
     torch.testing.assert_close(sin, theirs_sin[0])
 
 
-def test_rotary_rotation_matches_transformers() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_rotation_matches_transformers(dtype: torch.dtype) -> None:
+    """Bit for bit: the rotation without the rotated copy rounds as transformers' does."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    cos, sin = RotaryEmbedding(8, ROPES["default"], 64).cos_sin(torch.arange(5))
-    q, k = torch.randn(5, 3, 8), torch.randn(5, 1, 8)
+    cos, sin = RotaryEmbedding(8, ROPES["default"], 64).cos_sin(torch.arange(50))
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    q, k = torch.randn(50, 3, 8, dtype=dtype), torch.randn(50, 1, 8, dtype=dtype)
     theirs_q, theirs_k = apply_rotary_pos_emb(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None]
     )
-    torch.testing.assert_close(apply_rotary(q, cos, sin), theirs_q[0].transpose(0, 1))
-    torch.testing.assert_close(apply_rotary(k, cos, sin), theirs_k[0].transpose(0, 1))
+    assert torch.equal(apply_rotary(q, cos, sin), theirs_q[0].transpose(0, 1))
+    assert torch.equal(apply_rotary(k, cos, sin), theirs_k[0].transpose(0, 1))
 
 
 def test_partial_rotary_leaves_the_rest() -> None:

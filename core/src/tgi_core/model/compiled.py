@@ -21,6 +21,7 @@ from torch import nn
 
 from tgi_core.model.layers.attention import Attention
 from tgi_core.model.layers.opaque import current_batch, register_layer
+from tgi_core.model.layers.rotary import RotaryEmbedding
 
 if TYPE_CHECKING:
     from tgi_core.attention.batch import ForwardBatch
@@ -32,7 +33,7 @@ def compile_forward(model: nn.Module) -> ModelForward:
     """``model.forward`` compiled by inductor; call it only through the returned
     function, which makes the step's batch current for the attention op."""
     for layer in model.modules():
-        if isinstance(layer, Attention) and layer.compile_key < 0:
+        if isinstance(layer, Attention | RotaryEmbedding) and layer.compile_key < 0:
             # once per layer: the graph holds the key as a constant, a new one would
             # make every later compile_forward of the model recompile
             layer.compile_key = register_layer(layer)

@@ -9,7 +9,10 @@
 - ``tgi::packed_linear``: a oneDNN-packed bf16 weight is an opaque tensor that
   inductor's own lowering of ``_linear_pointwise`` cannot read;
 - ``tgi::amx_linear`` / ``tgi::amx_linear_int8``: this project's AMX GEMM kernel
-  (``amx_gemm``, bf16 or int8 weights), a ctypes call.
+  (``amx_gemm``, bf16 or int8 weights), a ctypes call;
+- ``tgi::rotary_cos_sin``: a step's rotary ``cos``/``sin``, computed once. Traced, inductor
+  inlines the ``cos``/``sin`` of every position into each layer's rotation kernel,
+  evaluating them again in all 30 layers of a SmolLM-shaped step.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ _step = threading.local()
 
 
 def register_layer(layer: nn.Module) -> int:
-    """A process-wide key for an attention layer, for ``tgi::attention``."""
+    """A process-wide key for a layer the ops call back (``tgi::attention``,
+    ``tgi::rotary_cos_sin``)."""
     key = next(_keys)
     _layers[key] = layer
     return key
@@ -55,6 +59,7 @@ _library = torch.library.Library("tgi", "DEF")
 _library.define("attention(Tensor q, Tensor? k, Tensor? v, int layer_key) -> Tensor")
 _library.define("packed_linear(Tensor x, Tensor packed, Tensor? bias) -> Tensor")
 _library.define("amx_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor")
+_library.define("rotary_cos_sin(Tensor positions, Tensor? seq_lens, int key) -> (Tensor, Tensor)")
 _library.define(
     "amx_linear_int8(Tensor x, Tensor packed, Tensor scales, Tensor? bias, int out_features)"
     " -> Tensor"
@@ -79,6 +84,29 @@ def _packed_linear_impl(
 
 
 _library.impl("attention", _attention_impl, "CompositeExplicitAutograd")
+
+
+def _rotary_cos_sin_impl(
+    positions: torch.Tensor, seq_lens: torch.Tensor | None, key: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rotary: Any = _layers[key]
+    cos, sin = rotary.cos_sin(positions, seq_lens)
+    return cos, sin
+
+
+def _rotary_cos_sin_fake(
+    positions: torch.Tensor, seq_lens: torch.Tensor | None, key: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rotary: Any = _layers[key]
+    shape = (positions.shape[0], int(rotary.rotary_dim))
+    return (
+        positions.new_empty(shape, dtype=torch.float32),
+        positions.new_empty(shape, dtype=torch.float32),
+    )
+
+
+_library.impl("rotary_cos_sin", _rotary_cos_sin_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("tgi::rotary_cos_sin", _rotary_cos_sin_fake)
 
 
 def _amx_linear_impl(
@@ -150,6 +178,14 @@ def attention(
     """The attention layer ``layer_key``: ``q`` ``[T, H, D]`` -> ``[T, H * D]``."""
     out: torch.Tensor = torch.ops.tgi.attention(q, k, v, layer_key)
     return out
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor, seq_lens: torch.Tensor | None, key: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary embedding ``key``'s ``cos_sin(positions, seq_lens)``, as one op."""
+    cos, sin = torch.ops.tgi.rotary_cos_sin(positions, seq_lens, key)
+    return cos, sin
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tgi_core.model.layers import opaque
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -117,6 +119,9 @@ class RotaryEmbedding(nn.Module):
                 self.rotary_dim, self.base, params, max_position
             )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        #: this embedding's key for the ``tgi::rotary_cos_sin`` op of a compiled model
+        #: (-1: none; set by ``model/compiled.py``)
+        self.compile_key = -1
 
     def _dynamic_inv_freq(self, seq_lens: torch.Tensor) -> torch.Tensor:
         """Per-token frequencies for dynamic NTK: the base grows with the sequence length."""
@@ -135,8 +140,11 @@ class RotaryEmbedding(nn.Module):
 
         ``seq_lens`` (per token: the length of its sequence after this step) is needed
         by dynamic NTK scaling only; each sequence's tokens are rotated with the
-        frequencies of its own length, as transformers does for one sequence.
+        frequencies of its own length, as transformers does for one sequence. In a
+        compiled model they are one opaque op (``layers/opaque.py``), computed once a step.
         """
+        if self.compile_key >= 0 and torch.compiler.is_compiling():
+            return opaque.rotary_cos_sin(positions, seq_lens, self.compile_key)
         pos = positions.float()
         if self.rope_type == "linear":
             pos = pos / self.factor
@@ -153,11 +161,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     rotary_dim = cos.shape[-1]
     cos = cos.to(x.dtype)[:, None, :]
     sin = sin.to(x.dtype)[:, None, :]
-    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     half = rotary_dim // 2
-    rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    out = rot * cos + rotated_half * sin
-    return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+    first, second = x[..., :half], x[..., half:rotary_dim]
+    # rot * cos + cat(-second, first) * sin, without building the rotated copy (the
+    # same values: a + (-b) * c is a - b * c in IEEE arithmetic)
+    out = (
+        first * cos[..., :half] - second * sin[..., :half],
+        second * cos[..., half:] + first * sin[..., half:],
+    )
+    rest = x[..., rotary_dim:]
+    return torch.cat(out if rest.shape[-1] == 0 else (*out, rest), dim=-1)
 
 
 def get_rope(head_dim: int, hf_config: Any) -> RotaryEmbedding:
