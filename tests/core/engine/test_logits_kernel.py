@@ -35,6 +35,17 @@ def test_ties_masked_entries_and_strided_rows() -> None:
     torch.testing.assert_close(normalizer, logits.logsumexp(-1, keepdim=True))
 
 
+def test_maxima_in_the_vector_body_and_in_the_tail() -> None:
+    """200 columns: three 64-wide blocks, then a tail of 8 read with a mask."""
+    logits = torch.randn(3, 200, generator=torch.Generator().manual_seed(3))
+    logits[0, 130] = logits[0, 70] = 9.0  # the first of two maxima, in the body
+    logits[1, 199] = logits[1, 195] = 9.0  # both in the tail
+    logits[2] = float("-inf")  # nothing allowed: index 0 and -inf, as torch
+    indices, normalizer = greedy_logsumexp(logits)  # type: ignore[misc]
+    assert indices.tolist() == logits.max(-1).indices.tolist() == [70, 195, 0]
+    torch.testing.assert_close(normalizer, logits.logsumexp(-1, keepdim=True))
+
+
 def test_where_it_does_not_apply_it_says_so() -> None:
     assert greedy_logsumexp(torch.randn(2, 8).bfloat16()) is None
     assert greedy_logsumexp(torch.randn(8, 2).T) is None  # columns not dense

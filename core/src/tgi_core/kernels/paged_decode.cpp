@@ -35,7 +35,7 @@
 
 namespace {
 
-using ::exp_nonpositive;  // the scalar one (exp_nonpositive.h), beside the vector one below
+using ::exp_nonpositive;  // scalar and 16 lanes (exp_nonpositive.h)
 
 // Position l of a sequence in a cache laid out [slots, Hkv, D]: its row of Hkv * D
 // values (``stride``), found through the sequence's block table.
@@ -182,25 +182,6 @@ void weighted_values_any(const uint16_t* v_cache, const int64_t* table, int64_t 
     else if (n == 2) weighted_values<D, 2>(v_cache, table, len, block_size, stride, pg, og, pf);
     else weighted_values<D, 1>(v_cache, table, len, block_size, stride, pg, og, pf);
   }
-}
-// e^x for x <= 0, 16 lanes: exp_nonpositive's polynomial, vectorized
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(
-      _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
-                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  const __m512i bits = _mm512_slli_epi32(
-      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
 }
 
 // acc[g] = acc[g] * rescale[g] + sum_i p[g * head_step + i * row_step] * v_i for GT query
