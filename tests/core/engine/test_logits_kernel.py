@@ -46,8 +46,19 @@ def test_maxima_in_the_vector_body_and_in_the_tail() -> None:
     torch.testing.assert_close(normalizer, logits.logsumexp(-1, keepdim=True))
 
 
+@pytest.mark.parametrize("cols", [1, 17, 200, 49152])
+def test_bfloat16_logits_as_their_float32_widening(cols: int) -> None:
+    logits = (torch.randn(6, cols, generator=torch.Generator().manual_seed(cols)) * 8).bfloat16()
+    logits[0, cols // 2] = logits[0, cols - 1] = 40.0  # a tie (the first wins)
+    widened = logits.float()
+    indices, normalizer = greedy_logsumexp(logits)  # type: ignore[misc]
+    assert torch.equal(indices, widened.max(-1).indices)
+    expected = widened.logsumexp(-1, keepdim=True)
+    torch.testing.assert_close(normalizer, expected, rtol=1e-6, atol=1e-5)
+
+
 def test_where_it_does_not_apply_it_says_so() -> None:
-    assert greedy_logsumexp(torch.randn(2, 8).bfloat16()) is None
+    assert greedy_logsumexp(torch.randn(2, 8).half()) is None
     assert greedy_logsumexp(torch.randn(8, 2).T) is None  # columns not dense
     with_nan = torch.randn(3, 8)
     with_nan[1, 4] = float("nan")

@@ -141,3 +141,29 @@ def test_logprobs_are_the_processed_log_softmax_and_the_input_is_untouched(param
         top = log_probs[i].topk(params.top_n_tokens)
         assert out.top_ids[i] == top.indices.tolist()
         assert out.top_logprobs[i] == pytest.approx(top.values.tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(top_n_tokens=4),
+        SamplingParams(do_sample=True, seed=3, top_n_tokens=2),
+        SamplingParams(repetition_penalty=1.3, top_n_tokens=3),
+    ],
+)
+def test_bfloat16_logits_sample_as_their_float32_widening(params) -> None:
+    """A bf16 model's logits reach the sampler as they are: the same tokens and
+    log-probabilities as from their float32 copy, and the caller's tensor untouched."""
+    logits = (torch.randn(5, 300) * 4).bfloat16()
+    before = logits.clone()
+    outs = [
+        sample(
+            rows,
+            [params] * 5,
+            [[1, 2]] * 5,
+            [torch.Generator().manual_seed(i) for i in range(5)],
+        )
+        for rows in (logits, logits.float())
+    ]
+    assert outs[0] == outs[1]
+    assert torch.equal(logits, before)

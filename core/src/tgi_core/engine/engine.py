@@ -235,7 +235,7 @@ class Engine:
         seq = chunk.seq
         assert rows is not None
         recorded = seq.extra.setdefault("prompt_logprobs", [PromptToken(seq.token_ids[0], None)])
-        log_probs = rows.log_softmax(-1)
+        log_probs = rows.float().log_softmax(-1)
         for offset in range(chunk.num_new):
             target = chunk.num_cached + offset + 1
             if target < seq.num_prompt_tokens and target == len(recorded):

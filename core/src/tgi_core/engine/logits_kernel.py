@@ -29,16 +29,18 @@ def _library() -> ctypes.CDLL | None:
         log.warning("logits kernel unavailable; using torch's max and logsumexp", error=str(exc))
         return None
     pointer, int64 = ctypes.c_void_p, ctypes.c_int64
-    library.tgi_greedy_logsumexp.argtypes = [pointer, int64, int64, int64, pointer, pointer]
-    library.tgi_greedy_logsumexp.restype = None
+    for function in (library.tgi_greedy_logsumexp, library.tgi_greedy_logsumexp_bf16):
+        function.argtypes = [pointer, int64, int64, int64, pointer, pointer]
+        function.restype = None
     return library
 
 
 def greedy_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(logits.max(-1).indices, logits.logsumexp(-1, keepdim=True))`` of ``[N, V]``
-    float32 logits, or None where the kernel does not apply."""
+    """``(logits.max(-1).indices, logits.float().logsumexp(-1, keepdim=True))`` of
+    ``[N, V]`` float32 or bfloat16 logits (the normalizer in float32), or None where the
+    kernel does not apply."""
     if (
-        logits.dtype != torch.float32
+        logits.dtype not in (torch.float32, torch.bfloat16)
         or logits.device.type != "cpu"
         or logits.dim() != 2
         or logits.stride(1) != 1
@@ -51,7 +53,12 @@ def greedy_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] 
     rows = logits.shape[0]
     indices = torch.empty(rows, dtype=torch.int64)
     normalizer = torch.empty(rows, 1, dtype=torch.float32)
-    library.tgi_greedy_logsumexp(
+    function = (
+        library.tgi_greedy_logsumexp
+        if logits.dtype == torch.float32
+        else library.tgi_greedy_logsumexp_bf16
+    )
+    function(
         logits.data_ptr(),
         rows,
         logits.shape[1],

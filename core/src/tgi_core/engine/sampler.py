@@ -115,19 +115,21 @@ def sample(
     histories: Seq[Seq[int]],
     generators: Seq[torch.Generator | None],
 ) -> SampleOutput:
-    """Choose one token per row of ``logits`` ``[N, vocab]`` (float32; not modified).
+    """Choose one token per row of ``logits`` ``[N, vocab]`` (float32, or a bf16 model's
+    bfloat16; not modified).
 
     Log-probabilities are ``logit - logsumexp(row)`` for the chosen and the top tokens
     only: the full ``log_softmax`` of a batch's rows (64 x 49152 floats: a 12 MB
     output) cost more than the choice itself."""
     sampled = [i for i, p in enumerate(params) if is_sampling(p)]
-    logits = logits.float()
-    if sampled or any(_penalised(p) for p in params):  # edited below: our own copy
-        logits = _penalties(logits.clone(), params, histories)
+    if sampled or any(_penalised(p) for p in params):  # edited below: our own float copy
+        logits = _penalties(logits.to(torch.float32, copy=True), params, histories)
     if sampled:
         logits[sampled] = _warp(logits[sampled], [params[i] for i in sampled])
+    # greedy rows of a bf16 model stay bf16 (the kernel widens them; widening is exact)
     fast = greedy_logsumexp(logits)
     if fast is None:
+        logits = logits.float()
         token_ids = logits.max(-1).indices  # argmax's first maximum too, 3x faster on CPU
         normalizer = logits.logsumexp(-1, keepdim=True)
     else:
