@@ -90,62 +90,96 @@ def paged_decode(
     ``slots`` ``[S]`` before attending (one call instead of a cache write and a
     kernel call); a slot outside the cache raises ``IndexError``, writing nothing.
     Call only where :func:`paged_decode_available` (or pass a ``library`` from
-    :func:`load_kernel`).
+    :func:`load_kernel`). A step's layers share a :class:`DecodeSequences` instead.
     """
-    library = library or _library()
-    assert library is not None, "paged_decode_available() is False"
-    if q.dtype not in (torch.bfloat16, torch.float32) or key_cache.dtype != q.dtype:
-        raise TypeError(f"paged_decode: q {q.dtype}, cache {key_cache.dtype}")
-    q = q.contiguous()
-    num_seqs, heads, head_dim = q.shape
-    kv_heads = key_cache.shape[1]
-    if heads % kv_heads or key_cache.shape[2] != head_dim:
-        raise ValueError("paged_decode: q and cache shapes disagree")
-    assert key_cache.is_contiguous() and value_cache.is_contiguous()
-    assert block_tables.dtype == seq_lens.dtype == torch.int64
-    tables, lengths = block_tables.contiguous(), seq_lens.contiguous()
-    out = torch.empty_like(q)
-    function = (
-        library.tgi_paged_decode_bf16 if q.dtype == torch.bfloat16 else library.tgi_paged_decode_f32
+    sequences = DecodeSequences(
+        block_tables, seq_lens, block_size, None if new is None else new[2], library=library
     )
-    new_rows: tuple[int | None, int | None, int | None, int, int] = (None, None, None, 0, 0)
-    if new is not None:
-        k, v, slots = new
-        assert can_write_new(k, v, key_cache) and slots.shape == (num_seqs,)
-        assert slots.dtype == torch.int64
-        slots = slots.contiguous()
-        new_rows = (k.data_ptr(), v.data_ptr(), slots.data_ptr(), k.stride(0), v.stride(0))
-    status = function(
-        q.data_ptr(),
-        key_cache.data_ptr(),
-        value_cache.data_ptr(),
-        tables.data_ptr(),
-        lengths.data_ptr(),
-        out.data_ptr(),
-        num_seqs,
-        heads,
-        kv_heads,
-        head_dim,
-        block_size,
-        tables.shape[1],
-        scale,
-        *new_rows,
-        key_cache.shape[0],
-    )
-    if status:
-        raise IndexError(f"paged_decode: a new token's slot is outside the {key_cache.shape[0]}")
-    return out
+    return sequences.attend(q, key_cache, value_cache, scale, None if new is None else new[:2])
+
+
+class DecodeSequences:
+    """A step's decode sequences bound for the kernel: block tables, lengths and the
+    slots of their new tokens, checked and made contiguous once for all the layers of
+    the step (each layer's :meth:`attend` then checks only its own tensors)."""
+
+    def __init__(
+        self,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_size: int,
+        new_slots: torch.Tensor | None = None,
+        *,
+        library: ctypes.CDLL | None = None,
+    ) -> None:
+        library = library or _library()
+        assert library is not None, "paged_decode_available() is False"
+        self._bf16, self._f32 = library.tgi_paged_decode_bf16, library.tgi_paged_decode_f32
+        assert block_tables.dtype == seq_lens.dtype == torch.int64
+        self._tables, self._lengths = block_tables.contiguous(), seq_lens.contiguous()
+        self.num_seqs = self._lengths.shape[0]
+        assert self._tables.shape[0] == self.num_seqs
+        self._slots = None
+        if new_slots is not None:
+            assert new_slots.dtype == torch.int64 and new_slots.shape == (self.num_seqs,)
+            self._slots = new_slots.contiguous()
+        self._fixed = (
+            self._tables.data_ptr(),
+            self._lengths.data_ptr(),
+            block_size,
+            self._tables.shape[1],
+        )
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        scale: float,
+        new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """One layer: :func:`paged_decode` of ``q`` over the caches, ``new_kv`` (the new
+        keys and values, with the slots given at construction) written first."""
+        if q.dtype not in (torch.bfloat16, torch.float32) or key_cache.dtype != q.dtype:
+            raise TypeError(f"paged_decode: q {q.dtype}, cache {key_cache.dtype}")
+        q = q.contiguous()
+        num_seqs, heads, head_dim = q.shape
+        kv_heads = key_cache.shape[1]
+        if num_seqs != self.num_seqs or heads % kv_heads or key_cache.shape[2] != head_dim:
+            raise ValueError("paged_decode: q, cache and sequences disagree")
+        assert key_cache.is_contiguous() and value_cache.is_contiguous()
+        out = torch.empty_like(q)
+        tables, lengths, block_size, max_blocks = self._fixed
+        new_rows: tuple[int | None, int | None, int | None, int, int] = (None, None, None, 0, 0)
+        if new_kv is not None:
+            k, v = new_kv
+            assert self._slots is not None and can_write_new(k, v, key_cache)
+            new_rows = (
+                k.data_ptr(),
+                v.data_ptr(),
+                self._slots.data_ptr(),
+                k.stride(0),
+                v.stride(0),
+            )
+        status = (self._bf16 if q.dtype == torch.bfloat16 else self._f32)(
+            q.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), tables, lengths,
+            out.data_ptr(), num_seqs, heads, kv_heads, head_dim, block_size, max_blocks, scale,
+            *new_rows, key_cache.shape[0],
+        )  # fmt: skip
+        if status:
+            raise IndexError(
+                f"paged_decode: a new token's slot is outside the {key_cache.shape[0]}"
+            )
+        return out
 
 
 def can_write_new(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor) -> bool:
     """Whether :func:`paged_decode` can write ``k`` / ``v`` (``[S, Hkv, D]``) to ``cache``
     itself: the cache's dtype, on the CPU, each row dense (rows may be strided)."""
-    return all(
-        new.dtype == cache.dtype
-        and new.device.type == "cpu"
-        and new.dim() == 3
-        and new.shape[1:] == cache.shape[1:]
-        and new.stride(2) == 1
-        and new.stride(1) == new.shape[2]
-        for new in (k, v)
-    )
+    shape = cache.shape[1:]
+    for new in (k, v):  # a loop, not all(generator): called for every layer of a step
+        if new.dtype != cache.dtype or new.device.type != "cpu" or new.dim() != 3:
+            return False
+        if new.shape[1:] != shape or new.stride(2) != 1 or new.stride(1) != new.shape[2]:
+            return False
+    return True

@@ -36,7 +36,12 @@ import torch.nn.functional as F
 
 from tgi_core.attention.backend import AttentionBackend
 from tgi_core.attention.batch import ForwardBatch, slots_for
-from tgi_core.attention.native import can_write_new, paged_decode, paged_decode_available
+from tgi_core.attention.native import (
+    DecodeSequences,
+    can_write_new,
+    paged_decode,
+    paged_decode_available,
+)
 from tgi_core.model.base import cpu_has_native_bf16
 from tgi_core.model.layers.attention import Attention
 
@@ -69,6 +74,8 @@ class _Decodes:
     block_tables: torch.Tensor  # [S, max_blocks] each sequence's blocks (padded with 0)
     lengths: torch.Tensor  # [S] positions each sequence attends to
     block_size: int
+    #: the sequences bound for the decode kernel, once a step (by: new rows written?)
+    bound: dict[bool, DecodeSequences] = field(default_factory=dict)
 
 
 @dataclass
@@ -287,10 +294,12 @@ class SdpaBackend(AttentionBackend):
         first (only where it applies)."""
         dtype = self._compute_dtype(layer, keys.dtype)
         if self._kernel_applies(layer, keys.dtype):
-            return paged_decode(
-                q.to(dtype), keys, values, d.block_tables, d.lengths, d.block_size, layer.scale,
-                new=new,
-            )  # fmt: skip
+            writes = new is not None
+            if writes not in d.bound:
+                slots = new[2] if new is not None else None
+                d.bound[writes] = DecodeSequences(d.block_tables, d.lengths, d.block_size, slots)
+            kv = None if new is None else (new[0], new[1])
+            return d.bound[writes].attend(q.to(dtype), keys, values, layer.scale, kv)
         assert new is None, "only the decode kernel writes the cache itself"
         kv_heads, group = layer.num_kv_heads, layer.num_heads // layer.num_kv_heads
         shape = (*d.slots.shape, kv_heads, layer.head_dim)
