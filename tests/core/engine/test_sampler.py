@@ -20,6 +20,14 @@ torch.manual_seed(0)
 V = 50
 
 
+#: greedy, seeded sampling and a penalty, each with top-n log-probabilities
+TOP_N_CASES = [
+    SamplingParams(top_n_tokens=4),
+    SamplingParams(do_sample=True, seed=3, top_n_tokens=2),
+    SamplingParams(repetition_penalty=1.3, top_n_tokens=3),
+]
+
+
 def finite(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(x) | (x < -1e30), torch.full_like(x, -1e9), x)
 
@@ -114,14 +122,7 @@ def test_a_vanishing_temperature_is_greedy_and_finite() -> None:
     assert out.logprobs[0] == out.logprobs[0]  # not NaN
 
 
-@pytest.mark.parametrize(
-    "params",
-    [
-        SamplingParams(top_n_tokens=4),
-        SamplingParams(do_sample=True, seed=3, top_n_tokens=2),
-        SamplingParams(repetition_penalty=1.3, top_n_tokens=3),
-    ],
-)
+@pytest.mark.parametrize("params", TOP_N_CASES)
 def test_logprobs_are_the_processed_log_softmax_and_the_input_is_untouched(params) -> None:
     """The chosen and top log-probabilities are those of the full log_softmax of the
     processed logits (computed as logit - logsumexp), and ``sample`` never edits the
@@ -143,14 +144,7 @@ def test_logprobs_are_the_processed_log_softmax_and_the_input_is_untouched(param
         assert out.top_logprobs[i] == pytest.approx(top.values.tolist(), abs=1e-5)
 
 
-@pytest.mark.parametrize(
-    "params",
-    [
-        SamplingParams(top_n_tokens=4),
-        SamplingParams(do_sample=True, seed=3, top_n_tokens=2),
-        SamplingParams(repetition_penalty=1.3, top_n_tokens=3),
-    ],
-)
+@pytest.mark.parametrize("params", TOP_N_CASES)
 def test_bfloat16_logits_sample_as_their_float32_widening(params) -> None:
     """A bf16 model's logits reach the sampler as they are: the same tokens and
     log-probabilities as from their float32 copy, and the caller's tensor untouched."""
