@@ -353,14 +353,12 @@ class SdpaBackend(AttentionBackend):
         if plain:  # the same for every layer with this window: built once a step
             window = ("prefill", p.start, layer.sliding_window, dtype)
             if window not in plan.memo:
-                allowed = SdpaBackend._prefill_allowed(layer, p, num_keys)
+                _, _, allowed = SdpaBackend._prefill_allowed(layer, p, num_keys)
                 # additive, in the compute dtype: SDPA would convert a boolean mask itself
                 additive = torch.zeros(allowed.shape, dtype=dtype)
                 plan.memo[window] = additive.masked_fill_(~allowed, float("-inf"))
             return plan.memo[window]
-        allowed = SdpaBackend._prefill_allowed(layer, p, num_keys)
-        query_pos = torch.arange(p.num_cached, p.num_cached + p.end - p.start)[:, None]
-        key_pos = torch.arange(num_keys)[None, :]
+        query_pos, key_pos, allowed = SdpaBackend._prefill_allowed(layer, p, num_keys)
         if layer.position_bias is not None:
             key = ("prefill", p.start, id(layer.position_bias))
             if key not in plan.memo:
@@ -372,14 +370,17 @@ class SdpaBackend(AttentionBackend):
         return bias.masked_fill(~allowed, float("-inf")).unsqueeze(0)
 
     @staticmethod
-    def _prefill_allowed(layer: Attention, p: _Prefill, num_keys: int) -> torch.Tensor:
-        """``[n, num_keys]``: which keys each of the chunk's queries may attend."""
+    def _prefill_allowed(
+        layer: Attention, p: _Prefill, num_keys: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The chunk's query positions ``[n, 1]``, key positions ``[1, num_keys]`` and
+        which keys each query may attend ``[n, num_keys]``."""
         query_pos = torch.arange(p.num_cached, p.num_cached + p.end - p.start)[:, None]
         key_pos = torch.arange(num_keys)[None, :]
         allowed = key_pos <= query_pos
         if layer.sliding_window is not None:
             allowed &= query_pos - key_pos < layer.sliding_window
-        return allowed
+        return query_pos, key_pos, allowed
 
     def _encoder(
         self,

@@ -11,15 +11,12 @@
 
 namespace {
 
-inline float widen(float x) { return x; }
-inline float widen(uint16_t x) {
-  const uint32_t bits = static_cast<uint32_t>(x) << 16;
-  float out;
-  std::memcpy(&out, &bits, 4);
-  return out;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// the first min(remaining, 16) lanes
+inline __mmask16 lanes_of(int64_t remaining) {
+  return remaining >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << remaining) - 1);
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
 // 16 values from p as floats; lanes outside ``lanes`` are ``fill``
 inline __m512 load16(const float* p, __mmask16 lanes, __m512 fill) {
   return _mm512_mask_loadu_ps(fill, lanes, p);
@@ -44,7 +41,7 @@ void row_stats(const T* row, int64_t cols, int64_t* argmax, float* lse) {
       top4[k] = _mm512_max_ps(top4[k], v);
     }
   for (; i < cols; i += 16) {
-    const __mmask16 lanes = cols - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (cols - i)) - 1);
+    const __mmask16 lanes = lanes_of(cols - i);
     const __m512 v = load16(row + i, lanes, lowest);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     top4[0] = _mm512_max_ps(top4[0], v);
@@ -59,7 +56,7 @@ void row_stats(const T* row, int64_t cols, int64_t* argmax, float* lse) {
   const __m512 top_v = _mm512_set1_ps(top);
   int64_t index = cols;
   for (int64_t j = 0; j < cols && index == cols; j += 16) {
-    const __mmask16 lanes = cols - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (cols - j)) - 1);
+    const __mmask16 lanes = lanes_of(cols - j);
     const __mmask16 hit = _mm512_mask_cmp_ps_mask(lanes, load16(row + j, lanes, lowest), top_v, _CMP_EQ_OQ);
     if (hit) index = j + __builtin_ctz(hit);
   }
@@ -69,7 +66,7 @@ void row_stats(const T* row, int64_t cols, int64_t* argmax, float* lse) {
     for (int k = 0; k < 4; ++k)
       sum4[k] = _mm512_add_ps(sum4[k], exp_nonpositive(_mm512_sub_ps(load16(row + i + 16 * k, 0xFFFF, lowest), top_v)));
   for (; i < cols; i += 16) {
-    const __mmask16 lanes = cols - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (cols - i)) - 1);
+    const __mmask16 lanes = lanes_of(cols - i);
     const __m512 v = load16(row + i, lanes, lowest);
     sum4[0] = _mm512_mask_add_ps(sum4[0], lanes, sum4[0], exp_nonpositive(_mm512_sub_ps(v, top_v)));
   }
@@ -79,6 +76,14 @@ void row_stats(const T* row, int64_t cols, int64_t* argmax, float* lse) {
   *lse = top + std::log(total);
 }
 #else
+inline float widen(float x) { return x; }
+inline float widen(uint16_t x) {  // bf16 bits -> float, exact
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
 template <typename T>
 void row_stats(const T* row, int64_t cols, int64_t* argmax, float* lse) {
   float top = -INFINITY;
