@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from litestar.testing import TestClient
-from transformers import BloomConfig
+from transformers import BloomConfig, LlamaConfig
 
 from tgi_core.config import load_config
 from tgi_core.engine.async_engine import AsyncEngine
@@ -60,6 +60,29 @@ def test_compiled_bfloat16_within_the_eager_tolerance(llama: Path) -> None:
         llama, prompts(), reference=load_reference(llama, torch.bfloat16), decode_steps=4
     )
     assert ours.max_abs_diff <= 2 * hf_error.max_abs_diff + 0.05
+
+
+def test_two_compiled_models_of_one_class_keep_their_own_graphs(
+    llama: Path, tmp_path: Path
+) -> None:
+    """The compiled forward skips dynamo's guards on the model's modules, so only the
+    per-call isolation of compiled entries keeps a second Llama (other depth, widths and
+    layer keys) from running the first one's graph; and back again."""
+    other = save_checkpoint(
+        tmp_path / "llama3",
+        LlamaConfig(
+            vocab_size=256,
+            hidden_size=96,
+            intermediate_size=160,
+            num_hidden_layers=3,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+        ),
+    )
+    for path in (llama, other, llama):
+        result = compare_with_transformers(path, prompts(2), compile=True, decode_steps=4)
+        assert result.max_abs_diff <= 1e-4
+        assert result.tokens == result.reference_tokens
 
 
 def test_compiled_alibi_model_matches_transformers(tmp_path: Path) -> None:
