@@ -137,9 +137,12 @@ class DecodeSequences:
         value_cache: torch.Tensor,
         scale: float,
         new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        checked: bool = False,
     ) -> torch.Tensor:
         """One layer: :func:`paged_decode` of ``q`` over the caches, ``new_kv`` (the new
-        keys and values, with the slots given at construction) written first."""
+        keys and values, with the slots given at construction) written first;
+        ``checked``: the caller has seen :func:`can_write_new` hold for ``new_kv``."""
         if q.dtype not in (torch.bfloat16, torch.float32) or key_cache.dtype != q.dtype:
             raise TypeError(f"paged_decode: q {q.dtype}, cache {key_cache.dtype}")
         q = q.contiguous()
@@ -153,7 +156,7 @@ class DecodeSequences:
         new_rows: tuple[int | None, int | None, int | None, int, int] = (None, None, None, 0, 0)
         if new_kv is not None:
             k, v = new_kv
-            assert self._slots is not None and can_write_new(k, v, key_cache)
+            assert self._slots is not None and (checked or can_write_new(k, v, key_cache))
             new_rows = (
                 k.data_ptr(),
                 v.data_ptr(),

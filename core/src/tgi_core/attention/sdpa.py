@@ -27,6 +27,7 @@ precision, reading a bf16 cache through a conversion.
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -76,6 +77,17 @@ class _Decodes:
     block_size: int
     #: the sequences bound for the decode kernel, once a step (by: new rows written?)
     bound: dict[bool, DecodeSequences] = field(default_factory=dict)
+
+    def bind(self, writes: bool, slots: torch.Tensor | None = None) -> DecodeSequences:
+        """The step's sequences for the decode kernel; with ``writes``, the kernel also
+        writes each sequence's new key and value row, to ``slots`` (``[S]``)."""
+        sequences = self.bound.get(writes)
+        if sequences is None:
+            sequences = DecodeSequences(
+                self.block_tables, self.lengths, self.block_size, slots if writes else None
+            )
+            self.bound[writes] = sequences
+        return sequences
 
 
 @dataclass
@@ -141,22 +153,33 @@ class SdpaBackend(AttentionBackend):
         position, beyond what bf16 resolves)."""
         return cache_dtype if layer.alibi_slopes is None else torch.float32
 
+    #: per layer, the cache dtype it was asked for and whether the kernel applies (a
+    #: decode step asks once per layer; the answer never changes for a loaded layer)
+    _kernel_memo: ClassVar[weakref.WeakKeyDictionary[Attention, tuple[torch.dtype, bool]]] = (
+        weakref.WeakKeyDictionary()
+    )
+
     @classmethod
     def _kernel_applies(cls, layer: Attention, cache_dtype: torch.dtype) -> bool:
         """Whether the decode kernel attends for ``layer`` (in place from the paged cache,
         no gathered copy: attention/native.py). A float32 cache keeps SDPA, whose sums
         match transformers' to the last bits (a quantized layer computing in bf16 inside
         amplifies any other order); position biases and windows keep it too."""
+        memo = cls._kernel_memo.get(layer)
+        if memo is not None and memo[0] == cache_dtype:
+            return memo[1]
         plain = (
             layer.alibi_slopes is None
             and layer.position_bias is None
             and layer.sliding_window is None
         )
-        return (
+        applies = (
             plain
             and cls._compute_dtype(layer, cache_dtype) == cache_dtype == torch.bfloat16
             and paged_decode_available()
         )
+        cls._kernel_memo[layer] = (cache_dtype, applies)
+        return applies
 
     def prepare(self, batch: ForwardBatch) -> _Plan:
         decode_ids = [i for i, chunk in enumerate(batch.chunks) if chunk.num_new == 1]
@@ -238,20 +261,23 @@ class SdpaBackend(AttentionBackend):
         cache = batch.kv_cache
         keys, values = cache.keys[layer.layer_index], cache.values[layer.layer_index]
         plan: _Plan = batch.state
-        # decode steps on the kernel: it writes the new keys and values itself
-        kernel_writes = (
-            plan.decode_only
-            and self._kernel_applies(layer, keys.dtype)
-            and can_write_new(k, v, keys)
-        )
-        if not kernel_writes:
-            cache.write(layer.layer_index, batch.slot_mapping, k, v)
+        if plan.decode_only and self._kernel_applies(layer, keys.dtype):
+            # the common step, one token per sequence on the kernel, which writes the
+            # new keys and values itself where their layout lets it
+            assert plan.decodes is not None
+            writes = can_write_new(k, v, keys)
+            if not writes:
+                cache.write(layer.layer_index, batch.slot_mapping, k, v)
+            sequences = plan.decodes.bind(writes, batch.slot_mapping)
+            new = (k, v) if writes else None
+            out = sequences.attend(q.to(keys.dtype), keys, values, layer.scale, new, checked=True)
+            return out.to(q.dtype).flatten(1)
+        cache.write(layer.layer_index, batch.slot_mapping, k, v)
         gqa = layer.num_kv_heads != layer.num_heads
         dtype = self._compute_dtype(layer, keys.dtype)
-        if plan.decode_only:  # the common case: one token per sequence, in order
+        if plan.decode_only:
             assert plan.decodes is not None
-            new = (k, v, batch.slot_mapping) if kernel_writes else None
-            out = self._decodes(layer, q, keys, values, plan.decodes, plan, new)
+            out = self._decodes(layer, q, keys, values, plan.decodes, plan)
             return out.to(q.dtype).flatten(1)
         out = torch.empty(q.shape[0], layer.num_heads, layer.head_dim, dtype=dtype)
         if plan.decodes is not None:
@@ -287,20 +313,12 @@ class SdpaBackend(AttentionBackend):
         values: torch.Tensor,
         d: _Decodes,
         plan: _Plan,
-        new: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Attention of one query per sequence ``q`` ``[S, H, D]`` -> ``[S, H, D]``, in the
-        layer's compute dtype; ``new``: keys, values and slots for the kernel to write
-        first (only where it applies)."""
+        layer's compute dtype, over the cache (the step's rows already written)."""
         dtype = self._compute_dtype(layer, keys.dtype)
         if self._kernel_applies(layer, keys.dtype):
-            writes = new is not None
-            if writes not in d.bound:
-                slots = new[2] if new is not None else None
-                d.bound[writes] = DecodeSequences(d.block_tables, d.lengths, d.block_size, slots)
-            kv = None if new is None else (new[0], new[1])
-            return d.bound[writes].attend(q.to(dtype), keys, values, layer.scale, kv)
-        assert new is None, "only the decode kernel writes the cache itself"
+            return d.bind(False).attend(q.to(dtype), keys, values, layer.scale)
         kv_heads, group = layer.num_kv_heads, layer.num_heads // layer.num_kv_heads
         shape = (*d.slots.shape, kv_heads, layer.head_dim)
         key = keys.index_select(0, d.flat_slots).view(shape).to(dtype).transpose(1, 2)
