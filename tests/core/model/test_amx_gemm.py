@@ -23,15 +23,32 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     return F.linear(x.double(), weight.double(), None if bias is None else bias.double())
 
 
+def random_weight(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.int8:
+        return torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
+    return torch.randn(rows, cols).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("rows,cols", [(1, 32), (40, 96), (64, 64), (1, 576)])
-def test_pack_keeps_every_weight_and_pads_with_zeros(rows: int, cols: int) -> None:
-    weight = torch.randn(rows, cols).bfloat16()
+def test_pack_keeps_every_weight_and_pads_with_zeros(
+    rows: int, cols: int, dtype: torch.dtype
+) -> None:
+    """int8 is stored in the kernel's widening order, which unpack undoes."""
+    weight = random_weight(rows, cols, dtype)
     packed = amx_gemm.pack(weight)
     assert amx_gemm.is_packed(packed) and not amx_gemm.is_packed(weight)
     padded_rows = -(-rows // 32) * 32
     assert packed.shape == (padded_rows // 16, cols // 32, 16, 16, 2)
     assert torch.equal(amx_gemm.unpack(packed, rows), weight)
     assert not amx_gemm.unpack(packed, padded_rows)[rows:].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+def test_gather_rows_reads_rows_out_of_the_packing(dtype: torch.dtype) -> None:
+    weight = random_weight(70, 96, dtype)
+    ids = torch.tensor([[0, 69, 17], [16, 5, 5]])
+    assert torch.equal(amx_gemm.gather_rows(amx_gemm.pack(weight), ids), weight[ids])
 
 
 def test_what_the_kernel_takes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -62,11 +79,12 @@ def test_kernel_matches_a_float_matmul(m: int, n: int, k: int, with_bias: bool) 
 
 
 @needs_amx
-@pytest.mark.parametrize("m", [1, 16, 17, 70])
+@pytest.mark.parametrize("m", [1, 16, 17, 70, 300])
 @pytest.mark.parametrize("n,k", [(40, 96), (200, 576)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_int8_kernel_matches_a_float_matmul(m: int, n: int, k: int, with_bias: bool) -> None:
-    """int8 weights widened to bf16 in the kernel (exact), scaled per output at the end."""
+    """int8 weights widened to bf16 in the kernel (exact), scaled per output at the end;
+    from 9 row groups on (300 rows), each block is widened once for all of them."""
     generator = torch.Generator().manual_seed(m * 1000 + n + k)
     q = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
     scales = torch.rand(n, generator=generator).bfloat16()

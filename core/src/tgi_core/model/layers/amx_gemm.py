@@ -51,7 +51,7 @@ def load_kernel(march: str = "native") -> ctypes.CDLL:
 def _library() -> ctypes.CDLL | None:
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
-    if not {"amx_bf16", "amx_tile", "avx512_bf16"} <= kernels.cpu_flags():
+    if not {"amx_bf16", "amx_tile", "avx512_bf16", "avx512vbmi"} <= kernels.cpu_flags():
         return None
     try:
         library = load_kernel()
@@ -86,20 +86,57 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` ``[N, K]`` (bf16, or int8 for :func:`linear_int8`; ``K % 32 == 0``) in
     the kernel's tile layout:
     ``[N_pad / 16, K / 32, 16 k-pairs, 16 columns, 2]`` with ``N_pad`` the multiple of 32
-    at or above ``N`` (the padding is zeros)."""
+    at or above ``N`` (the padding is zeros). int8 values (``|q| <= 127``) are stored in
+    the order the kernel widens them in: within each 64 values (two k-pairs of a tile),
+    the halves of the columns' axis come before the pair's (:func:`_int8_order`)."""
     rows, cols = weight.shape
     padded_rows = -(-rows // N_BLOCK) * N_BLOCK
     padded = weight.detach().new_zeros(padded_rows, cols)
     padded[:rows] = weight.detach()
     tiles = padded.view(padded_rows // 16, 16, cols // K_STEP, 16, 2)
-    return tiles.permute(0, 2, 3, 1, 4).contiguous()
+    packed = tiles.permute(0, 2, 3, 1, 4).contiguous()
+    if packed.dtype == torch.int8:
+        return _int8_order(packed).contiguous().view(packed.shape)
+    return packed
+
+
+def _int8_order(packed: torch.Tensor) -> torch.Tensor:
+    """A tile-ordered int8 weight ``[tiles, steps, 16, 16, 2]`` as the 7-D view
+    ``[tiles, steps, 8, 4, 2, 4, 2]`` (64-value chunk, column / 4, pair in the chunk,
+    column % 4, pair element) of the order :func:`pack` stores it in: for the kernel's
+    byte-table widening, whose unpack pairs byte j of each 16-byte lane with byte j + 8."""
+    tiles, steps = packed.shape[:2]
+    return packed.view(tiles, steps, 8, 2, 4, 4, 2).permute(0, 1, 2, 4, 3, 5, 6)
+
+
+def _tile_order(packed: torch.Tensor) -> torch.Tensor:
+    """The ``[tiles, steps, 16, 16, 2]`` tile order of a packed weight (a copy for int8)."""
+    if packed.dtype != torch.int8:
+        return packed
+    tiles, steps = packed.shape[:2]
+    stored = packed.view(tiles, steps, 8, 4, 2, 4, 2)
+    return stored.permute(0, 1, 2, 4, 3, 5, 6).reshape(packed.shape)
 
 
 def unpack(packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """The ``[out_features, K]`` weight that :func:`pack` packed (tests, debugging)."""
     tiles, k_steps = packed.shape[:2]
-    full = packed.permute(0, 3, 1, 2, 4).reshape(tiles * 16, k_steps * K_STEP)
+    ordered = _tile_order(packed)
+    full = ordered.permute(0, 3, 1, 2, 4).reshape(tiles * 16, k_steps * K_STEP)
     return full[:out_features]
+
+
+def gather_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` (any shape) of the ``[N, K]`` weight that :func:`pack` packed, as
+    ``[*ids.shape, K]``, read from the packing without unpacking the rest."""
+    tiles, steps = packed.shape[:2]
+    column = ids % 16
+    if packed.dtype == torch.int8:  # [tiles, steps, 8, 4, 2, 4, 2], by column / 4 and % 4
+        stored = packed.view(tiles, steps, 8, 4, 2, 4, 2)
+        picked = stored[ids // 16, :, :, column // 4, :, column % 4, :]
+    else:  # [tiles, steps, 16 pairs, 16 columns, 2]
+        picked = packed[ids // 16, :, :, column, :]
+    return picked.reshape(*ids.shape, steps * K_STEP)
 
 
 def is_packed(weight: torch.Tensor) -> bool:

@@ -143,9 +143,8 @@ class Int8Vocabulary:
         return self.qweight
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        if amx_gemm.is_packed(self.qweight):  # [tiles, steps, 16 pairs, 16 rows, 2]
-            picked = self.qweight[ids // 16, :, :, ids % 16, :]  # [*ids, steps, 16, 2]
-            values = picked.reshape(*ids.shape, -1)
+        if amx_gemm.is_packed(self.qweight):
+            values = amx_gemm.gather_rows(self.qweight, ids)
         else:
             values = F.embedding(ids, self.qweight)
         rows = values.float() * self.scales.float()[ids].unsqueeze(-1)
