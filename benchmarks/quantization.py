@@ -17,6 +17,14 @@ Targets (issue 10): int8 single-stream >= 1.5x bf16 on the SmolLM shape; int8 we
 
     python benchmarks/quantization.py [--write docs/benchmarks.md]
 
+With ``--compile`` each process serves its model compiled (``torch.compile``, warmed up
+first, as ``tgi-core serve --compile`` does), the perplexity is skipped (compiling
+changes no weight), and the table goes to its own section of the docs
+(``quantization-compiled``), beside the eager one:
+
+    python benchmarks/quantization.py --compile --methods bf16 int8 --shapes smollm \
+        --write docs/benchmarks.md
+
 Smoke run (a tiny shape, a few tokens, a part of the held-out text):
 
     python benchmarks/quantization.py --shapes tiny --streams 1 4 --prompt 8 --new 8 \
@@ -39,7 +47,13 @@ from typing import Any
 from machine import describe_machine
 from shapes import QWEN25_05B, SMOLLM_135M
 
-BEGIN, END = "<!-- quantization:begin -->", "<!-- quantization:end -->"
+
+def markers(compiled: bool) -> tuple[str, str]:
+    """The docs section's begin and end markers: eager and compiled runs have their own."""
+    name = "quantization-compiled" if compiled else "quantization"
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
 SHAPES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "smollm": (
         "SmolLM-135M",
@@ -126,7 +140,7 @@ result = {
 streams, prompt, new = max(args["streams"]), args["prompt"], args["new"]
 blocks = streams * (-(-(prompt + new) // 16) + 1)
 runner = ModelRunner(model, registry.attention_backends["sdpa"].load()(), num_blocks=blocks,
-                     block_size=16, model_dtype=torch.bfloat16)
+                     block_size=16, model_dtype=torch.bfloat16, compile=args["compile"])
 engine = Engine(runner, EngineConfig(num_blocks=blocks, block_size=16, eos_token_ids=()))
 vocab = model.config.vocab_size
 def run(count, prompt, new, tag):
@@ -137,6 +151,8 @@ def run(count, prompt, new, tag):
     start = time.perf_counter()
     out = engine.run(requests)
     return sum(len(events) for events in out.values()) / (time.perf_counter() - start)
+if args["compile"]:
+    engine.warm_up()  # compiles the prefill and the one-token graphs
 run(2, 16, 4, "warm")
 result["tokens_per_s"] = {str(n): run(n, prompt, new, f"s{n}-") for n in args["streams"]}
 print(json.dumps(result))
@@ -254,9 +270,11 @@ def section(
     quality: dict[str, dict[str, Any]],
 ) -> str:
     single, multi = str(min(args.streams)), str(max(args.streams))
+    begin, end = markers(args.compile)
+    title = "Quantization, compiled (`benchmarks/quantization.py --compile`)"
     lines = [
-        BEGIN,
-        "## Quantization (`benchmarks/quantization.py`)",
+        begin,
+        f"## {title if args.compile else 'Quantization (`benchmarks/quantization.py`)'}",
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d} on {describe_machine()}. Random-weight checkpoints "
         "saved in bfloat16; each method in a fresh process, the model in bfloat16 "
@@ -270,15 +288,23 @@ def section(
         f"loading (growth from loading in brackets). Throughput: greedy, {args.prompt} "
         f"prompt tokens and {args.new} new per request, EOS ignored, {single} stream and "
         f"{multi} streams submitted at once to the engine; the median of {args.rounds} "
-        "runs of each method, in alternating order.",
+        "runs of each method, in alternating order."
+        + (
+            " Compiled: each model served through `torch.compile` (warmed up before timing); "
+            "perplexity in the eager section above."
+            if args.compile
+            else ""
+        ),
         "",
-        f"| shape | method | linear weights | vs bf16 | all weights | RSS | {single}-stream "
-        f"tok/s | vs bf16 | {multi}-stream tok/s | vs bf16 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        (
+            "| shape | method | linear weights | vs bf16 | all weights | RSS | "
+            + "".join(f"{n}-stream tok/s | vs bf16 | " for n in dict.fromkeys([single, multi]))
+        ).rstrip(),
+        "|---|---|---|---|---|---|" + "---|---|" * len(dict.fromkeys([single, multi])),
     ]
     for shape, rows in speed.items():
         for method, result in rows.items():
-            lines.append(row(shape, method, result, rows.get("bf16"), single, multi))
+            lines.append(row(shape, method, result, rows.get("bf16"), [single, multi]))
     targets = []
     smollm = speed.get("smollm", {})
     if "bf16" in smollm and "int8" in smollm:
@@ -316,7 +342,7 @@ def section(
             lines.append(f"| {method} | {r['perplexity']:.3f} | {change:+.2%} | {verdict} |")
     if targets:
         lines += ["", *targets]
-    lines.append(END)
+    lines.append(end)
     return "\n".join(lines)
 
 
@@ -325,20 +351,21 @@ def row(
     method: str,
     r: dict[str, Any],
     base: dict[str, Any] | None,
-    single: str,
-    multi: str,
+    streams: list[str],
 ) -> str:
     def versus(value: float, reference: float) -> str:
         return f"{value / reference:.2f}x" if base else "-"
 
     tps = r["tokens_per_s"]
+    cells = "".join(
+        f"{tps[n]:.1f} | {versus(tps[n], base['tokens_per_s'][n] if base else 1)} | "
+        for n in dict.fromkeys(streams)
+    )
     return (
         f"| {SHAPES[shape][0]} | {method} | {mib(r['linear_bytes'])} | "
         f"{versus(r['linear_bytes'], base['linear_bytes'] if base else 1)} | "
-        f"{mib(r['total_bytes'])} | {mib(r['rss'])} (+{mib(r['rss_growth'])}) | "
-        f"{tps[single]:.1f} | {versus(tps[single], base['tokens_per_s'][single] if base else 1)} | "
-        f"{tps[multi]:.1f} | {versus(tps[multi], base['tokens_per_s'][multi] if base else 1)} |"
-    )
+        f"{mib(r['total_bytes'])} | {mib(r['rss'])} (+{mib(r['rss_growth'])}) | {cells}"
+    ).rstrip()
 
 
 def main() -> None:
@@ -354,6 +381,7 @@ def main() -> None:
     parser.add_argument("--text", type=Path, nargs="+", help="held-out .py files or folders")
     parser.add_argument("--ppl-tokens", type=int, default=16384)
     parser.add_argument("--ppl-window", type=int, default=512)
+    parser.add_argument("--compile", action="store_true", help="serve each model compiled")
     parser.add_argument("--write", type=Path, help="write the section into this file")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
@@ -375,6 +403,7 @@ def main() -> None:
                         "streams": args.streams,
                         "prompt": args.prompt,
                         "new": args.new,
+                        "compile": args.compile,
                     }
                     runs[method].append(child(CHILD_SPEED, payload))
                     print(shape, method, json.dumps(runs[method][-1]), flush=True)
@@ -383,7 +412,7 @@ def main() -> None:
     model = demo_dir(args.demo_model)
     files, args.ppl_text = held_out_files(args.text)
     args.ppl_source = "--demo-model" if args.demo_model else "the `demo` model source"
-    if model is not None:
+    if model is not None and not args.compile:
         for method in args.methods:
             quantize, sections = METHODS[method]
             payload = {
