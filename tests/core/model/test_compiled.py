@@ -65,9 +65,9 @@ def test_compiled_bfloat16_within_the_eager_tolerance(llama: Path) -> None:
 def test_two_compiled_models_of_one_class_keep_their_own_graphs(
     llama: Path, tmp_path: Path
 ) -> None:
-    """The compiled forward skips dynamo's guards on the model's modules, so only the
-    per-call isolation of compiled entries keeps a second Llama (other depth, widths and
-    layer keys) from running the first one's graph; and back again."""
+    """Each compile keeps its own compiled entries (``isolate_recompiles``): a second
+    Llama (other depth, widths and layer keys) compiles its own graph, and the first
+    model, run again, still gets its own."""
     other = save_checkpoint(
         tmp_path / "llama3",
         LlamaConfig(

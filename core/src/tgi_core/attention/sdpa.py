@@ -153,8 +153,8 @@ class SdpaBackend(AttentionBackend):
         position, beyond what bf16 resolves)."""
         return cache_dtype if layer.alibi_slopes is None else torch.float32
 
-    #: per layer, the cache dtype it was asked for and whether the kernel applies (a
-    #: decode step asks once per layer; the answer never changes for a loaded layer)
+    #: per layer, the cache dtype it was asked for and whether the layer and dtype suit
+    #: the kernel (a decode step asks once per layer; a loaded layer does not change)
     _kernel_memo: ClassVar[weakref.WeakKeyDictionary[Attention, tuple[torch.dtype, bool]]] = (
         weakref.WeakKeyDictionary()
     )
@@ -166,20 +166,17 @@ class SdpaBackend(AttentionBackend):
         match transformers' to the last bits (a quantized layer computing in bf16 inside
         amplifies any other order); position biases and windows keep it too."""
         memo = cls._kernel_memo.get(layer)
-        if memo is not None and memo[0] == cache_dtype:
-            return memo[1]
-        plain = (
-            layer.alibi_slopes is None
-            and layer.position_bias is None
-            and layer.sliding_window is None
-        )
-        applies = (
-            plain
-            and cls._compute_dtype(layer, cache_dtype) == cache_dtype == torch.bfloat16
-            and paged_decode_available()
-        )
-        cls._kernel_memo[layer] = (cache_dtype, applies)
-        return applies
+        if memo is None or memo[0] != cache_dtype:
+            plain = (
+                layer.alibi_slopes is None
+                and layer.position_bias is None
+                and layer.sliding_window is None
+            )
+            compute = cls._compute_dtype(layer, cache_dtype)
+            suits = plain and compute == cache_dtype == torch.bfloat16
+            memo = (cache_dtype, suits)
+            cls._kernel_memo[layer] = memo
+        return memo[1] and paged_decode_available()
 
     def prepare(self, batch: ForwardBatch) -> _Plan:
         decode_ids = [i for i, chunk in enumerate(batch.chunks) if chunk.num_new == 1]

@@ -11,13 +11,12 @@ Shapes are dynamic: one graph serves every number of tokens (dynamo specializes 
 one-token step apart, so the first step of one token compiles a second graph).
 
 A step at one or a few sequences is short (~10 ms on the SmolLM shape), so what the
-compiled call costs around the kernels counts. Two inductor defaults are turned off:
-the size and stride asserts on every buffer (~450 a step), and dynamo's guards on the
-model's modules, checked before every call (~0.5 ms a step together with the asserts'
-~0.4). Skipping the module guards is safe because a loaded model does not change, and
-because each :func:`compile_forward` keeps its own compiled entries
-(``isolate_recompiles``): a second model, of another shape, in the same process never
-reuses the first one's graph. The guards on the step's inputs stay.
+compiled call costs around the kernels counts: inductor's size and stride asserts on
+every buffer (~450 a step, ~0.4 ms) are turned off. Each :func:`compile_forward` keeps
+its own compiled entries (``isolate_recompiles``), so the models of one process do not
+share dynamo's recompile limit. dynamo's guards on the model's modules stay: skipping
+them saved another ~0.5 ms a step, but a forward hook registered after the first
+compile then no longer runs.
 """
 
 from __future__ import annotations
@@ -52,7 +51,6 @@ def compile_forward(model: nn.Module) -> ModelForward:
         isolate_recompiles=True,
         options={
             "size_asserts": False,
-            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
         },
     )
 
