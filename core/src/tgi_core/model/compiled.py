@@ -45,13 +45,12 @@ def compile_forward(model: nn.Module) -> ModelForward:
             # once per layer: the graph holds the key as a constant, a new one would
             # make every later compile_forward of the model recompile
             layer.compile_key = register_layer(layer)
-    compiled = torch.compile(
+    # torch.compile's typed overloads lack isolate_recompiles, which its signature has
+    compiled = torch.compile(  # type: ignore[call-overload]
         model.forward,
         dynamic=True,
         isolate_recompiles=True,
-        options={
-            "size_asserts": False,
-        },
+        options={"size_asserts": False},
     )
 
     def forward(
