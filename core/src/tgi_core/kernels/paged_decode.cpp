@@ -144,46 +144,6 @@ inline __m512 load_bf16(const uint16_t* x) {
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)x)), 16));
 }
 
-// out[g] = sum_l p[g * len + l] * v_l (value head h) for GT query heads, accumulators in
-// registers; v_l read from the cache once for the GT heads
-template <int64_t D, int GT>
-void weighted_values(const uint16_t* v_cache, const int64_t* table, int64_t len,
-                     int64_t block_size, int64_t stride, const float* p, float* out,
-                     int64_t prefetch_bytes) {
-  __m512 acc[GT][D / 16];
-  for (int g = 0; g < GT; ++g)
-    for (int c = 0; c < D / 16; ++c) acc[g][c] = _mm512_setzero_ps();
-  for (int64_t l = 0; l < len; ++l) {
-    const uint16_t* v = cache_row(v_cache, table, l, block_size, stride);
-    prefetch_ahead(v_cache, table, l, len, block_size, stride, 0, prefetch_bytes);
-    __m512 row[D / 16];
-    for (int c = 0; c < D / 16; ++c) row[c] = load_bf16(v + 16 * c);
-    for (int g = 0; g < GT; ++g) {
-      const __m512 weight = _mm512_set1_ps(p[g * len + l]);
-      for (int c = 0; c < D / 16; ++c) acc[g][c] = _mm512_fmadd_ps(weight, row[c], acc[g][c]);
-    }
-  }
-  for (int g = 0; g < GT; ++g)
-    for (int c = 0; c < D / 16; ++c) _mm512_storeu_ps(out + g * D + 16 * c, acc[g][c]);
-}
-
-template <int64_t D>
-void weighted_values_any(const uint16_t* v_cache, const int64_t* table, int64_t len,
-                         int64_t block_size, int64_t stride, const float* p, float* out,
-                         int64_t count, int64_t prefetch_bytes) {
-  constexpr int kTile = D <= 64 ? 4 : 2;  // accumulators that fit the 32 registers
-  for (int64_t g = 0; g < count; g += kTile) {
-    const int64_t n = std::min<int64_t>(kTile, count - g);
-    const float* pg = p + g * len;
-    float* og = out + g * D;
-    const int64_t pf = prefetch_bytes;
-    if (n == 4) weighted_values<D, 4>(v_cache, table, len, block_size, stride, pg, og, pf);
-    else if (n == 3) weighted_values<D, 3>(v_cache, table, len, block_size, stride, pg, og, pf);
-    else if (n == 2) weighted_values<D, 2>(v_cache, table, len, block_size, stride, pg, og, pf);
-    else weighted_values<D, 1>(v_cache, table, len, block_size, stride, pg, og, pf);
-  }
-}
-
 // acc[g] = acc[g] * rescale[g] + sum_i p[g * head_step + i * row_step] * v_i for GT query
 // heads sharing a value head, over the n rows of one 16-position block; accumulators in
 // registers
@@ -413,9 +373,6 @@ constexpr bool kBf16Dot = false;
 inline void score_bf16(const uint16_t*, const uint16_t*, const int64_t*, int64_t, int64_t,
                        int64_t, int64_t, int64_t, int64_t, int64_t, float, float*) {}
 template <int64_t D>
-void weighted_values_any(const uint16_t*, const int64_t*, int64_t, int64_t, int64_t,
-                         const float*, float*, int64_t, int64_t) {}
-template <int64_t D>
 void attend_blocks(const uint16_t*, const uint16_t*, const uint16_t*, const int64_t*, int64_t,
                    uint16_t*, int64_t, int64_t, int64_t, float, int64_t, int64_t, float*) {}
 #endif
@@ -487,16 +444,8 @@ template <typename T, int64_t FixedD>
 void weigh(const T* v_cache, const int64_t* table, int64_t len, int64_t G, int64_t Hkv,
            int64_t AnyD, int64_t block_size, int64_t h0, int64_t heads, const float* weights,
            float* row, float* acc) {
+  // bf16 heads of 64 or 128 never come here (attend_blocks / attend_tiles take them)
   const int64_t D = FixedD ? FixedD : AnyD, stride = Hkv * D;
-  if constexpr (std::is_same_v<T, uint16_t> && kBf16Dot && (FixedD == 64 || FixedD == 128)) {
-    // accumulators in registers (AVX-512), one key/value head at a time; the first
-    // pass prefetches the whole rows of the item's heads, later passes find them in L2
-    for (int64_t h = 0; h < heads; ++h)
-      weighted_values_any<FixedD>(v_cache + (h0 + h) * D, table, len, block_size, stride,
-                                  weights + h * G * len, acc + h * G * D, G,
-                                  h == 0 ? heads * D * 2 : D * 2);
-    return;
-  }
   std::fill(acc, acc + heads * G * D, 0.f);
   for (int64_t l = 0; l < len; ++l) {
     const T* v = cache_row(v_cache, table, l, block_size, stride) + h0 * D;
