@@ -88,7 +88,7 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     ``[N_pad / 16, K / 32, 16 k-pairs, 16 columns, 2]`` with ``N_pad`` the multiple of 32
     at or above ``N`` (the padding is zeros). int8 values (``|q| <= 127``) are stored in
     the order the kernel widens them in: within each 64 values (two k-pairs of a tile),
-    the halves of the columns' axis come before the pair's (:func:`_int8_order`)."""
+    the quarters of the columns' axis come before the pairs' (:func:`_int8_reorder`)."""
     rows, cols = weight.shape
     padded_rows = -(-rows // N_BLOCK) * N_BLOCK
     padded = weight.detach().new_zeros(padded_rows, cols)
@@ -96,33 +96,30 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     tiles = padded.view(padded_rows // 16, 16, cols // K_STEP, 16, 2)
     packed = tiles.permute(0, 2, 3, 1, 4).contiguous()
     if packed.dtype == torch.int8:
-        return _int8_order(packed).contiguous().view(packed.shape)
+        return _int8_reorder(packed, from_stored=False)
     return packed
 
 
-def _int8_order(packed: torch.Tensor) -> torch.Tensor:
-    """A tile-ordered int8 weight ``[tiles, steps, 16, 16, 2]`` as the 7-D view
-    ``[tiles, steps, 8, 4, 2, 4, 2]`` (64-value chunk, column / 4, pair in the chunk,
-    column % 4, pair element) of the order :func:`pack` stores it in: for the kernel's
-    byte-table widening, whose unpack pairs byte j of each 16-byte lane with byte j + 8."""
-    tiles, steps = packed.shape[:2]
-    return packed.view(tiles, steps, 8, 2, 4, 4, 2).permute(0, 1, 2, 4, 3, 5, 6)
+#: an int8 tile's 64-value chunks as (column / 4, pair in the chunk, column % 4, pair
+#: element) in the stored order, (pair, column / 4, ...) in tile order
+_STORED_CHUNK, _TILE_CHUNK = (8, 4, 2, 4, 2), (8, 2, 4, 4, 2)
 
 
-def _tile_order(packed: torch.Tensor) -> torch.Tensor:
-    """The ``[tiles, steps, 16, 16, 2]`` tile order of a packed weight (a copy for int8)."""
-    if packed.dtype != torch.int8:
-        return packed
-    tiles, steps = packed.shape[:2]
-    stored = packed.view(tiles, steps, 8, 4, 2, 4, 2)
-    return stored.permute(0, 1, 2, 4, 3, 5, 6).reshape(packed.shape)
+def _int8_reorder(packed: torch.Tensor, *, from_stored: bool) -> torch.Tensor:
+    """An int8 ``[tiles, steps, 16, 16, 2]`` weight from tile order to the order
+    :func:`pack` stores (the kernel's byte-table widening pairs byte j of each 16-byte
+    lane with byte j + 8), or back: the two orders differ by one swap of axes, so the
+    same swap goes either way."""
+    chunk = _STORED_CHUNK if from_stored else _TILE_CHUNK
+    return packed.view(*packed.shape[:2], *chunk).transpose(3, 4).reshape(packed.shape)
 
 
 def unpack(packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """The ``[out_features, K]`` weight that :func:`pack` packed (tests, debugging)."""
     tiles, k_steps = packed.shape[:2]
-    ordered = _tile_order(packed)
-    full = ordered.permute(0, 3, 1, 2, 4).reshape(tiles * 16, k_steps * K_STEP)
+    if packed.dtype == torch.int8:
+        packed = _int8_reorder(packed, from_stored=True)
+    full = packed.permute(0, 3, 1, 2, 4).reshape(tiles * 16, k_steps * K_STEP)
     return full[:out_features]
 
 
@@ -131,8 +128,8 @@ def gather_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     ``[*ids.shape, K]``, read from the packing without unpacking the rest."""
     tiles, steps = packed.shape[:2]
     column = ids % 16
-    if packed.dtype == torch.int8:  # [tiles, steps, 8, 4, 2, 4, 2], by column / 4 and % 4
-        stored = packed.view(tiles, steps, 8, 4, 2, 4, 2)
+    if packed.dtype == torch.int8:  # chunks in the stored order: by column / 4 and % 4
+        stored = packed.view(tiles, steps, *_STORED_CHUNK)
         picked = stored[ids // 16, :, :, column // 4, :, column % 4, :]
     else:  # [tiles, steps, 16 pairs, 16 columns, 2]
         picked = packed[ids // 16, :, :, column, :]
