@@ -93,7 +93,11 @@ def llama_64(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_model_equals_transformers_bitsandbytes_model(quant_type: str, llama_64: Path) -> None:
     """transformers quantizes q, k, v (and gate, up) one by one, tgi their fused weight:
     with blocks of 64 and 64 input features, the blocks are the same rows. Both run
-    bitsandbytes' fused CPU kernel (bfloat16 inside), on the same numbers: 1e-4."""
+    bitsandbytes' fused CPU kernel, which rounds its float32 inputs to bfloat16: where
+    the two models' float32 activations differ in the last bits (their norms and
+    attention are different code; on an AMD EPYC the fp4 model's logits came out 4.9e-3
+    apart, on a Sapphire Rapids 1e-6), one input can round the other way, which moves
+    logits of magnitude ~6 by up to ~1e-2. The tokens must be the same."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     reference = AutoModelForCausalLM.from_pretrained(
@@ -110,7 +114,7 @@ def test_model_equals_transformers_bitsandbytes_model(quant_type: str, llama_64:
     result = compare_with_transformers(
         llama_64, PROMPTS, reference=reference, quantize=f"bitsandbytes-{quant_type}"
     )
-    assert result.max_abs_diff <= 1e-4, result.max_abs_diff
+    assert result.max_abs_diff <= 2e-2, result.max_abs_diff
     assert result.tokens == result.reference_tokens
 
 
