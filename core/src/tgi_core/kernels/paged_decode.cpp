@@ -45,7 +45,11 @@ inline const T* cache_row(const T* cache, const int64_t* table, int64_t l, int64
   return cache + (table[l / block_size] * block_size + l % block_size) * stride;
 }
 
-constexpr int64_t kAhead = 16;  // positions prefetched ahead
+// Positions prefetched ahead, into L2 (locality 1: prefetcht2). On an AMD EPYC (Zen 4)
+// the vector path read 283 MB of keys and values a step at 12.5 GB/s prefetching 16
+// positions into L1 (no faster than no prefetching at all), ~17 GB/s with 32 into L2.
+constexpr int64_t kAhead = 32;
+constexpr int kLocality = 1;
 
 // The blocks of a sequence are scattered through the cache: fetch ``bytes`` of the row
 // kAhead positions after l (from ``offset`` elements into it) while l is computed.
@@ -55,7 +59,22 @@ inline void prefetch_ahead(const T* cache, const int64_t* table, int64_t l, int6
   if (l + kAhead >= len) return;
   const char* ahead = reinterpret_cast<const char*>(
       cache_row(cache, table, l + kAhead, block_size, stride) + offset);
-  for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(ahead + byte, 0, 3);
+  for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(ahead + byte, 0, kLocality);
+}
+
+// The first kAhead positions of a sequence (whole rows of keys and values), fetched
+// while another is computed: prefetch_ahead reaches only within a sequence.
+template <typename T>
+inline void prefetch_start(const T* k_cache, const T* v_cache, const int64_t* table, int64_t len,
+                           int64_t block_size, int64_t stride) {
+  for (int64_t l = 0; l < std::min(kAhead, len); ++l) {
+    const char* k = reinterpret_cast<const char*>(cache_row(k_cache, table, l, block_size, stride));
+    const char* v = reinterpret_cast<const char*>(cache_row(v_cache, table, l, block_size, stride));
+    for (int64_t byte = 0; byte < stride * int64_t(sizeof(T)); byte += 64) {
+      __builtin_prefetch(k + byte, 0, kLocality);
+      __builtin_prefetch(v + byte, 0, kLocality);
+    }
+  }
 }
 
 inline float to_float(float x) { return x; }
@@ -535,6 +554,12 @@ void decode(const T* q, T* k_cache, T* v_cache, const int64_t* block_tables,
         std::memcpy(k_cache + at, new_rows->k + s * new_rows->k_stride + h0 * D, heads * D * sizeof(T));
         std::memcpy(v_cache + at, new_rows->v + s * new_rows->v_stride + h0 * D, heads * D * sizeof(T));
       }
+      // whole sequences: start fetching the one this thread likely takes next
+      // (dynamic scheduling hands items out in turn); ~1 ms of ~16 a step on Zen 4
+      const int64_t next = s + omp_get_num_threads();
+      if (split == 1 && next < S)
+        prefetch_start(k_cache, v_cache, block_tables + next * max_blocks, seq_lens[next],
+                       block_size, Hkv * D);
       attend<T, FixedD>(q + s * H * D, k_cache, v_cache, block_tables + s * max_blocks,
                         seq_lens[s], out + s * H * D, H, Hkv, D, block_size, scale, h0,
                         h0 + heads, qf.data(), scores.data(), acc.data(), row.data(), inv.data(),
