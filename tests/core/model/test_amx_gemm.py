@@ -1,22 +1,28 @@
-"""The AMX GEMM kernel (``tgi_core.model.layers.amx_gemm``) against float32 matmuls.
+"""The packed-weight GEMM kernel (``tgi_core.model.layers.amx_gemm``: AMX, or AVX-512
+BF16 where there is no AMX) against float32 matmuls.
 
-Shapes cover every path through the kernel: below one tile of rows (the tiles shrink),
-one tile, a partial last tile above 16 rows (a zero-padded copy), an odd number of row
-tiles, several 512-row super-blocks; output sizes that are not a multiple of 32 (padded
-weights, masked stores) or are smaller than one tile.
+Shapes cover every path through the AMX kernel (and the vector kernel's register blocks
+of 1-6 rows, int8 widened in registers up to 8 rows and in memory above): below one tile
+of rows (the tiles shrink), one tile, a partial last tile above 16 rows (a zero-padded
+copy), an odd number of row tiles, several 512-row super-blocks; output sizes that are
+not a multiple of 32 (padded weights, masked stores) or are smaller than one tile.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tgi_core import kernels
 from tgi_core.model.layers import amx_gemm
 
-needs_amx = pytest.mark.skipif(not amx_gemm.available(), reason="no AMX on this CPU")
+needs_amx = pytest.mark.skipif(
+    not amx_gemm.available(), reason="no AMX or AVX-512 BF16 kernel on this CPU"
+)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -156,6 +162,75 @@ def test_a_build_without_amx_says_so() -> None:
         pytest.skip(str(exc))
     assert library.tgi_amx_available() == 0
     assert library.tgi_amx_init() != 0
+
+
+def test_a_vector_build_without_avx512_says_so() -> None:
+    if platform.machine() != "x86_64":
+        pytest.skip("the portable build targets x86-64")
+    try:
+        library = amx_gemm.load_vector_kernel("x86-64-v3")
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    assert library.tgi_vec_gemm_available() == 0
+
+
+def test_the_kernel_follows_the_cpu() -> None:
+    """AMX where the CPU has it, else AVX-512 BF16 with VBMI, else none."""
+    flags = kernels.cpu_flags()
+    if not amx_gemm.available():
+        assert not {"avx512_bf16", "avx512vbmi"} <= flags or os.environ.get(amx_gemm.ENV_SWITCH)
+    elif {"amx_bf16", "amx_tile"} <= flags:
+        assert amx_gemm.kind() == "amx"
+    else:
+        assert amx_gemm.kind() == "avx512_bf16"
+
+
+needs_vector_isa = pytest.mark.skipif(
+    platform.machine() != "x86_64" or not {"avx512_bf16", "avx512vbmi"} <= kernels.cpu_flags(),
+    reason="no AVX-512 BF16 and VBMI on this CPU",
+)
+
+
+@needs_vector_isa
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 40])
+def test_the_vector_kernel_matches_on_any_avx512_bf16_cpu(m: int, dtype: torch.dtype) -> None:
+    """The AVX-512 library called directly (on an AMX CPU too, where ``linear`` takes the
+    AMX one): float32 accumulation, one rounding; each row as alone in a call."""
+    library = amx_gemm.load_vector_kernel()
+    generator = torch.Generator().manual_seed(m)
+    n, k = 200, 576
+    weight = random_weight(n, k, dtype)
+    scales = torch.rand(n, generator=generator).add_(0.5).bfloat16()
+    bias = torch.randn(n, generator=generator).bfloat16()
+    x = torch.randn(m, k, generator=generator).bfloat16()
+    packed = amx_gemm.pack(weight)
+
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
+        if dtype == torch.int8:
+            vectors = (scales.data_ptr(), bias.data_ptr())
+            library.tgi_vec_linear_int8(
+                rows.data_ptr(), rows.shape[0], k, packed.data_ptr(), n, *vectors, out.data_ptr()
+            )
+        else:
+            library.tgi_vec_linear_bf16(
+                rows.data_ptr(),
+                rows.shape[0],
+                k,
+                packed.data_ptr(),
+                n,
+                bias.data_ptr(),
+                out.data_ptr(),
+            )
+        return out
+
+    got = run(x)
+    dense = weight.double() * (scales.double()[:, None] if dtype == torch.int8 else 1)
+    expected = F.linear(x.double(), dense, bias.double())
+    scale = expected.abs() + expected.abs().mean()
+    assert ((got.double() - expected).abs() / scale).max().item() < 2**-8
+    assert torch.equal(torch.cat([run(x[i : i + 1]) for i in range(m)]), got)
 
 
 def test_switched_off_it_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:

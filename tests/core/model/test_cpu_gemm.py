@@ -18,7 +18,7 @@ PACKINGS = ["amx", "onednn"]
 def use_packing(packing: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make ``cpu_gemm`` pack for ``packing`` (skipping where this CPU cannot run it)."""
     if packing == "amx" and not amx_gemm.available():
-        pytest.skip("no AMX on this CPU")
+        pytest.skip("no AMX or AVX-512 BF16 kernel on this CPU")
     if packing == "onednn":
         if not cpu_gemm._onednn_available():
             pytest.skip("no oneDNN bf16 on this CPU")

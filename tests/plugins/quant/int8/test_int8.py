@@ -59,7 +59,7 @@ def layer_with(
 
 def needs_amx(path: str) -> None:
     if path == "amx" and not amx_gemm.available():
-        pytest.skip("no AMX on this CPU")
+        pytest.skip("no AMX or AVX-512 BF16 kernel on this CPU")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,16 +1,22 @@
-"""bf16 linear layers on Intel AMX through this project's kernel (``kernels/amx_gemm.cpp``).
+"""bf16 linear layers on packed weights through this project's kernels: on Intel AMX
+(``kernels/amx_gemm.cpp``) and, on CPUs with AVX-512 BF16 but no AMX (AMD Zen 4), on
+AVX-512 (``kernels/vec_gemm.cpp``). Both read the same packing.
 
-At decode batch sizes a linear layer streams its weight from memory; the kernel reads
-it in its stored order with prefetching, where oneDNN's matmul on the same machine
-reached about half the memory bandwidth (docs/benchmarks.md has the measurements). It
-applies to a bfloat16 ``[out, in]`` weight whose ``in`` is a multiple of 32, on a CPU
-with AMX (``amx_bf16``) whose kernel grants the tile state; ``TGI_CPU_AMX_GEMM=0``
-turns it off (``cpu_gemm`` then packs for oneDNN).
+At decode batch sizes a linear layer streams its weight from memory; the kernels read
+it in its stored order with prefetching, where oneDNN's matmul on the same machines
+reached about half the memory bandwidth (docs/benchmarks.md has the measurements); at
+prefill sizes they are compute-bound and at least as fast as oneDNN. A row's result does
+not depend on the other rows of the call (each output sums in one fixed order). It
+applies to a bfloat16 ``[out, in]`` weight whose ``in`` is a multiple of 32, on a CPU with
+AMX (``amx_bf16``) whose kernel grants the tile state, or with ``avx512_bf16`` and
+``avx512vbmi``; ``TGI_CPU_AMX_GEMM=0`` turns both off (``cpu_gemm`` then packs for
+oneDNN).
 
 A packed weight is a plain bf16 tensor of shape ``[tiles, k_steps, 16, 16, 2]``: the
 rows padded with zeros to a multiple of 32, and cut into the 1 KB blocks (32 input by 16
-output features) that one AMX multiply reads. Its five dimensions tell it apart from an
-unpacked or oneDNN-packed weight; the number of output features travels separately.
+output features) that one AMX multiply reads; for one tile of 16 outputs, each pair of
+inputs is one AVX-512 vector. Its five dimensions tell it apart from an unpacked or
+oneDNN-packed weight; the number of output features travels separately.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -30,43 +38,82 @@ log = get_logger("tgi_core.model")
 ENV_SWITCH = "TGI_CPU_AMX_GEMM"
 #: input features per AMX step (the kernel's K granularity) and output features per block
 K_STEP, N_BLOCK = 32, 32
+_AMX_FLAGS = frozenset({"amx_bf16", "amx_tile", "avx512_bf16", "avx512vbmi"})
+_VECTOR_FLAGS = frozenset({"avx512_bf16", "avx512vbmi"})
 
 
 def load_kernel(march: str = "native") -> ctypes.CDLL:
-    """The kernel library built for ``-march=march``; raises ``RuntimeError`` or
+    """The AMX kernel library built for ``-march=march``; raises ``RuntimeError`` or
     ``OSError`` when it cannot be built or loaded. It exports ``tgi_amx_available()``
     (whether it was built with AMX) and ``tgi_amx_init()`` (0 once the OS grants AMX)."""
     library = kernels.load_library("amx_gemm.cpp", march)
     library.tgi_amx_available.restype = ctypes.c_int
     library.tgi_amx_init.restype = ctypes.c_int
-    pointer, int64 = ctypes.c_void_p, ctypes.c_int64
-    library.tgi_amx_linear_bf16.argtypes = [pointer, int64, int64, pointer, int64, pointer, pointer]
-    library.tgi_amx_linear_bf16.restype = None
-    library.tgi_amx_linear_int8.argtypes = [pointer, int64, int64, pointer, int64, *[pointer] * 3]
-    library.tgi_amx_linear_int8.restype = None
+    _declare(library, "tgi_amx_linear_bf16", "tgi_amx_linear_int8")
     return library
+
+
+def load_vector_kernel(march: str = "native") -> ctypes.CDLL:
+    """The AVX-512 BF16 kernel library (same calls as the AMX one, ``tgi_vec_*``); it
+    exports ``tgi_vec_gemm_available()`` (whether it was built with AVX-512 BF16)."""
+    library = kernels.load_library("vec_gemm.cpp", march)
+    library.tgi_vec_gemm_available.restype = ctypes.c_int
+    _declare(library, "tgi_vec_linear_bf16", "tgi_vec_linear_int8")
+    return library
+
+
+def _declare(library: ctypes.CDLL, bf16_name: str, int8_name: str) -> None:
+    pointer, int64 = ctypes.c_void_p, ctypes.c_int64
+    bf16, int8 = getattr(library, bf16_name), getattr(library, int8_name)
+    bf16.argtypes = [pointer, int64, int64, pointer, int64, pointer, pointer]
+    bf16.restype = None
+    int8.argtypes = [pointer, int64, int64, pointer, int64, *[pointer] * 3]
+    int8.restype = None
+
+
+@dataclass(frozen=True)
+class _Kernel:
+    """The loaded library, which instruction set it uses, and its two entry points."""
+
+    kind: str  # "amx" or "avx512_bf16"
+    bf16: Any
+    int8: Any
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def _library() -> _Kernel | None:
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
-    if not {"amx_bf16", "amx_tile", "avx512_bf16", "avx512vbmi"} <= kernels.cpu_flags():
-        return None
-    try:
-        library = load_kernel()
-    except (OSError, RuntimeError) as exc:
-        log.warning("AMX GEMM kernel unavailable; using oneDNN", error=str(exc))
-        return None
-    if not library.tgi_amx_available() or library.tgi_amx_init() != 0:
-        log.warning("AMX GEMM kernel unavailable: the compiler or the OS does not enable AMX")
-        return None
-    return library
+    flags = kernels.cpu_flags()
+    if flags >= _AMX_FLAGS:
+        try:
+            library = load_kernel()
+        except (OSError, RuntimeError) as exc:
+            log.warning("AMX GEMM kernel unavailable", error=str(exc))
+        else:
+            if library.tgi_amx_available() and library.tgi_amx_init() == 0:
+                return _Kernel("amx", library.tgi_amx_linear_bf16, library.tgi_amx_linear_int8)
+            log.warning("AMX GEMM kernel unavailable: the compiler or the OS does not enable AMX")
+    if flags >= _VECTOR_FLAGS:
+        try:
+            library = load_vector_kernel()
+        except (OSError, RuntimeError) as exc:
+            log.warning("AVX-512 GEMM kernel unavailable; using oneDNN", error=str(exc))
+            return None
+        if library.tgi_vec_gemm_available():
+            return _Kernel("avx512_bf16", library.tgi_vec_linear_bf16, library.tgi_vec_linear_int8)
+    return None
 
 
 def available() -> bool:
     """Whether :func:`linear` can run here (building the kernel if needed)."""
     return _library() is not None
+
+
+def kind() -> str | None:
+    """``"amx"`` or ``"avx512_bf16"``: the instruction set :func:`linear` runs on here."""
+    kernel = _library()
+    return None if kernel is None else kernel.kind
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -154,10 +201,10 @@ def _call(
     out_features: int,
     vectors: tuple[torch.Tensor | None, ...],
 ) -> torch.Tensor:
-    """Run kernel ``name`` on ``x`` ``[..., K]`` (bf16) with the per-output ``vectors``
-    (scales, bias: bf16 or None) and return ``[..., out_features]`` in bf16."""
-    library = _library()
-    assert library is not None, "amx_gemm.available() is False"
+    """Run entry point ``name`` (``bf16`` or ``int8``) on ``x`` ``[..., K]`` (bf16) with
+    the per-output ``vectors`` (scales, bias: bf16 or None); ``[..., out_features]`` bf16."""
+    kernel = _library()
+    assert kernel is not None, "amx_gemm.available() is False"
     if x.dtype != torch.bfloat16:
         raise TypeError(f"amx_gemm: x is {x.dtype}, not bfloat16")
     k = packed.shape[1] * K_STEP
@@ -170,7 +217,7 @@ def _call(
     if rows.shape[0]:
         kept = [_as_bf16(v) for v in vectors]  # alive until the call returns
         pointers = [None if v is None else v.data_ptr() for v in kept]
-        function = getattr(library, name)
+        function = getattr(kernel, name)
         function(rows.data_ptr(), rows.shape[0], k, packed.data_ptr(), out_features, *pointers,
                  out.data_ptr())  # fmt: skip
     return out if flat else out.view(*x.shape[:-1], out_features)
@@ -181,7 +228,7 @@ def linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for ``packed = pack(W)``; ``x`` ``[..., K]`` in bf16, the
     result ``[..., out_features]`` in bf16 (float32 accumulation, rounded once)."""
-    return _call("tgi_amx_linear_bf16", x, packed, out_features, (bias,))
+    return _call("bf16", x, packed, out_features, (bias,))
 
 
 def linear_int8(
@@ -197,4 +244,4 @@ def linear_int8(
     the ones of the bf16 kernel on the dequantized-but-unscaled weight."""
     if packed.dtype != torch.int8:
         raise TypeError(f"amx_gemm.linear_int8: the weight is {packed.dtype}, not int8")
-    return _call("tgi_amx_linear_int8", x, packed, out_features, (scales, bias))
+    return _call("int8", x, packed, out_features, (scales, bias))

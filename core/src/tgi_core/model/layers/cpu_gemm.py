@@ -1,5 +1,5 @@
-"""bf16 matmuls on CPU with weights packed once, at load time: for this project's AMX
-kernel (``amx_gemm``) where it applies, for oneDNN otherwise.
+"""bf16 matmuls on CPU with weights packed once, at load time: for this project's kernels
+(``amx_gemm``: AMX, or AVX-512 BF16 without AMX) where they apply, for oneDNN otherwise.
 
 ``F.linear`` on a bf16 weight lets oneDNN reorder the weight into its blocked layout on
 every call; packing it once (``torch.ops.mkldnn._reorder_linear_weight``) and running
@@ -7,15 +7,15 @@ every call; packing it once (``torch.ops.mkldnn._reorder_linear_weight``) and ru
 SmolLM-135M-shaped model ran 1.3-1.6x faster from batch 1 to 32 on this project's
 machines (docs/benchmarks.md), with the same accumulation in float32.
 
-On a CPU with AMX, weights whose input size is a multiple of 32 are packed for
-``amx_gemm`` instead, which reads them at close to the memory bandwidth where oneDNN
-reached about half of it (decode batches; docs/benchmarks.md).
+On a CPU with AMX, or with AVX-512 BF16 and VBMI (AMD Zen 4), weights whose input size
+is a multiple of 32 are packed for ``amx_gemm`` instead, which reads them at close to
+the memory bandwidth where oneDNN reached about half of it (decode batches), and keeps
+up with oneDNN at prefill sizes (docs/benchmarks.md).
 
 Packing applies to bfloat16 weights on a CPU with native bf16 (AVX-512 BF16 or AMX)
-when PyTorch has oneDNN or the AMX kernel runs; ``TGI_CPU_PACKED_GEMM=0`` turns it off.
+when PyTorch has oneDNN or the kernel runs; ``TGI_CPU_PACKED_GEMM=0`` turns it off.
 A packed weight multiplies, but is not an ``[out, in]`` matrix any more: a oneDNN one is
-an opaque tensor, an AMX one a 5-D tensor of tiles; the callers keep the output size.
-"""
+an opaque tensor, the kernel's a 5-D tensor of tiles; the callers keep the output size."""
 
 from __future__ import annotations
 

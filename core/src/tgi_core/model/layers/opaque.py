@@ -8,8 +8,8 @@
   output, so inductor cannot reorder them;
 - ``tgi::packed_linear``: a oneDNN-packed bf16 weight is an opaque tensor that
   inductor's own lowering of ``_linear_pointwise`` cannot read;
-- ``tgi::amx_linear`` / ``tgi::amx_linear_int8``: this project's AMX GEMM kernel
-  (``amx_gemm``, bf16 or int8 weights), a ctypes call;
+- ``tgi::amx_linear`` / ``tgi::amx_linear_int8``: this project's packed-weight GEMM kernel
+  (``amx_gemm``: AMX, or AVX-512 BF16; bf16 or int8 weights), a ctypes call;
 - ``tgi::rotary_cos_sin``: a step's rotary ``cos``/``sin``, computed once. Traced, inductor
   inlines the ``cos``/``sin`` of every position into each layer's rotation kernel,
   evaluating them again in all 30 layers of a SmolLM-shaped step.

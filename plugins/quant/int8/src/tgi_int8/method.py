@@ -3,9 +3,10 @@
 
 Each output channel's scale is its largest magnitude over 127, rounded to bfloat16 (the
 kernel's dtype); the int8 values are rounded against that stored scale, so every path
-computes with the same weights. On a CPU with AMX, layers whose input size is a
-multiple of 32 run on tgi-core's AMX kernel (``amx_gemm.linear_int8``: the int8 values
-widened to bf16 tiles inside the kernel, any number of rows). Elsewhere on CPU,
+computes with the same weights. On a CPU with AMX, or with AVX-512 BF16 and VBMI (AMD
+Zen 4), layers whose input size is a multiple of 32 run on tgi-core's packed-weight
+kernel (``amx_gemm.linear_int8``: the int8 values widened to bf16 inside the kernel,
+any number of rows; "amx" below names that packing). Elsewhere on CPU,
 ``torch.ops.aten._weight_int8pack_mm`` runs the layer for up to ``KERNEL_MAX_ROWS``
 tokens with bfloat16 activations (cast in and out: with float32 activations the op falls
 to a path 10-30x slower); for more tokens, other devices, or with ``kernel =
@@ -82,7 +83,8 @@ KERNEL_INPUT_MULTIPLE = 16
 
 
 def amx_applies(input_size: int) -> bool:
-    """Whether int8 weights with ``input_size`` inputs go to the AMX kernel here."""
+    """Whether int8 weights with ``input_size`` inputs go to the packed-weight kernel
+    (AMX or AVX-512) here."""
     return input_size % amx_gemm.K_STEP == 0 and amx_gemm.available()
 
 
@@ -90,7 +92,8 @@ class Int8LinearMethod:
     """Loads the float weight (float32, one layer at a time), then quantizes it.
 
     ``use_kernel``: run a CPU kernel (bfloat16 activations), else the portable path;
-    ``use_amx``: the kernel is the AMX one (the int8 values stored in its tile layout).
+    ``use_amx``: the kernel is tgi-core's packed-weight one (AMX or AVX-512; the int8
+    values stored in its tile layout).
     """
 
     def __init__(self, use_kernel: bool, use_amx: bool = False) -> None:
