@@ -42,7 +42,9 @@ constexpr int64_t kSuperRows = 512;
 // at a time; more rows share one widening of each block, in memory
 constexpr int64_t kFusedRows = 8;
 constexpr int kFusedGroup = 4;
-constexpr int64_t kPrefetchAhead = 1024;  // bytes ahead in each tile's stream
+// bytes ahead in each tile's stream, into L2: on a Zen 4 the SmolLM layers at one row read
+// 24-27 GB/s prefetching 1 KB ahead into L1, 29-32 GB/s 512 bytes ahead into L2
+constexpr int64_t kPrefetchAhead = 512;
 
 // acc[r][c] (16 floats each, into ``out`` [R][C][16]) = rows r of x times tiles c of w
 // (tile c at w + c * tile_stride; K / 2 pairs), over all of K. kPrefetch: fetch each
@@ -57,7 +59,7 @@ inline void multiply(const bf16* x, int64_t K, const bf16* w, int64_t tile_strid
     __m512bh weights[C];
     for (int c = 0; c < C; ++c) {
       const bf16* tile = w + c * tile_stride + 32 * p;
-      if constexpr (kPrefetch) _mm_prefetch(reinterpret_cast<const char*>(tile) + kPrefetchAhead, _MM_HINT_T0);
+      if constexpr (kPrefetch) _mm_prefetch(reinterpret_cast<const char*>(tile) + kPrefetchAhead, _MM_HINT_T1);
       weights[c] = (__m512bh)_mm512_loadu_si512(tile);
     }
     for (int r = 0; r < R; ++r) {
@@ -87,7 +89,7 @@ inline void multiply_int8(const bf16* x, int64_t K, const int8_t* w, int64_t til
     __m512bh first[C], second[C];
     for (int c = 0; c < C; ++c) {
       const int8_t* chunk = w + c * tile_stride + 32 * p;
-      _mm_prefetch(reinterpret_cast<const char*>(chunk) + kPrefetchAhead, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(chunk) + kPrefetchAhead, _MM_HINT_T1);
       const __m512i q = _mm512_loadu_si512(chunk);
       const __m512i magnitude = _mm512_abs_epi8(q);
       const __m512i lo = _mm512_permutex2var_epi8(lo0, magnitude, lo1);
