@@ -27,6 +27,7 @@ from tgi_core.model.fixtures import build_engine, load_reference, save_checkpoin
 
 sys.path.insert(0, str(Path(__file__).parent))
 from docs_section import write
+from machine import describe_machine
 from model_step import SMOLLM
 
 BEGIN, END = "<!-- engine-throughput:begin -->", "<!-- engine-throughput:end -->"
@@ -90,8 +91,9 @@ def main() -> None:
         BEGIN,
         "## Offline engine throughput (`benchmarks/engine_throughput.py`)",
         "",
-        f"Measured {datetime.now(UTC):%Y-%m-%d}, {name} (this machine's default), "
-        f"{torch.get_num_threads()} threads: {args.requests} requests of {args.prompt} prompt "
+        f"Measured {datetime.now(UTC):%Y-%m-%d} on {describe_machine()}, {name} "
+        "(this machine's default), "
+        f"{args.requests} requests of {args.prompt} prompt "
         f"tokens and {args.new} new tokens, greedy, on the SmolLM-135M-shaped checkpoint. "
         f"tgi: all requests submitted at once to the engine (paged cache, block size 16, "
         f"4096-token step budget), eager and with `--compile` (after a warm-up). "

@@ -29,6 +29,7 @@ from tgi_core.model.fixtures import build_engine, save_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from docs_section import write
+from machine import describe_machine
 
 BEGIN, END = "<!-- t5-throughput:begin -->", "<!-- t5-throughput:end -->"
 T5_SMALL = dict(
@@ -114,8 +115,9 @@ def main() -> None:
         BEGIN,
         "## T5 throughput (`benchmarks/t5_throughput.py`)",
         "",
-        f"Measured {datetime.now(UTC):%Y-%m-%d}, {name} (this machine's default), "
-        f"{torch.get_num_threads()} threads: {args.requests} requests of {args.source} source "
+        f"Measured {datetime.now(UTC):%Y-%m-%d} on {describe_machine()}, {name} "
+        "(this machine's default), "
+        f"{args.requests} requests of {args.source} source "
         f"tokens and {args.new} new tokens, greedy, EOS ignored, on a t5-small-shaped "
         "checkpoint (d_model 512, 6+6 layers, 8 heads, d_ff 2048, vocab 32128). tgi: all "
         "requests submitted at once to the engine (sources encoded on admission, paged "
