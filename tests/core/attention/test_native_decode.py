@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def reference(q, keys, values, tables, lengths, block_size, scale) -> torch.Tensor:
+def reference(q, keys, values, tables, lengths, block_size, scale, bias=None) -> torch.Tensor:
     heads, kv_heads = q.shape[1], keys.shape[1]
     out = torch.empty(q.shape, dtype=torch.float64)
     for s, length in enumerate(lengths.tolist()):
@@ -28,7 +28,10 @@ def reference(q, keys, values, tables, lengths, block_size, scale) -> torch.Tens
         slots = tables[s, positions // block_size] * block_size + positions % block_size
         k = keys[slots].double().repeat_interleave(heads // kv_heads, dim=1)  # [L, H, D]
         v = values[slots].double().repeat_interleave(heads // kv_heads, dim=1)
-        weights = torch.softmax(torch.einsum("hd,lhd->hl", q[s].double(), k) * scale, dim=-1)
+        scores = torch.einsum("hd,lhd->hl", q[s].double(), k) * scale
+        if bias is not None:
+            scores = scores + bias[s, :, :length].double()
+        weights = torch.softmax(scores, dim=-1)
         out[s] = torch.einsum("hl,lhd->hd", weights, v)
     return out
 
@@ -73,6 +76,31 @@ def test_kernel_matches_plain_attention(case, dtype, lengths) -> None:
     assert got.dtype == dtype and got.shape == q.shape
     tolerance = 1e-5 if dtype == torch.float32 else 1.5e-2
     assert (got.double() - expected).abs().max().item() <= tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "case", ["mha, 128", "smollm-like (3 per group, 64)", "mqa, 80 (no specialized path)"]
+)
+def test_an_additive_bias_joins_the_scores(case, dtype) -> None:
+    """T5's relative position bias: float32 [S, H, L] added to each query head's scaled
+    scores (wider than the longest sequence: the padding is never read); on an AMX
+    CPU, a step with a bias takes the vector path. Same tolerances as above."""
+    layout = CASES[case]
+    lengths = [1, 17, 40, 5]
+    q, keys, values, tables, lengths_t = scenario(3, lengths=lengths, dtype=dtype, **layout)
+    bias = torch.randn(
+        len(lengths), layout["heads"], 48, generator=torch.Generator().manual_seed(9)
+    )
+    bias[:, :, 40:] = float("nan")  # past every sequence: must not be read
+    scale = layout["head_dim"] ** -0.5
+    got = paged_decode(q, keys, values, tables, lengths_t, layout["block_size"], scale, bias=bias)
+    expected = reference(q, keys, values, tables, lengths_t, layout["block_size"], scale, bias)
+    tolerance = 1e-5 if dtype == torch.float32 else 1.5e-2
+    assert (got.double() - expected).abs().max().item() <= tolerance
+    with pytest.raises(ValueError):
+        paged_decode(q, keys, values, tables, lengths_t, layout["block_size"], scale,
+                     bias=bias[:, :, :30].contiguous())  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

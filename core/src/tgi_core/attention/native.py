@@ -38,7 +38,7 @@ def load_kernel(march: str = "native") -> ctypes.CDLL:
     for name in ("tgi_paged_decode_bf16", "tgi_paged_decode_f32"):
         function = getattr(library, name)
         function.argtypes = [pointer] * 6 + [int64] * 6 + [ctypes.c_float]
-        function.argtypes += [pointer] * 3 + [int64] * 3
+        function.argtypes += [pointer] * 3 + [int64] * 3 + [pointer, int64]
         function.restype = ctypes.c_int
     library.tgi_paged_decode_use_tiles.argtypes = [ctypes.c_int]
     library.tgi_paged_decode_use_tiles.restype = ctypes.c_int
@@ -78,6 +78,7 @@ def paged_decode(
     scale: float,
     *,
     new: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    bias: torch.Tensor | None = None,
     library: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence over its cached positions ``[0, seq_len)``.
@@ -90,12 +91,15 @@ def paged_decode(
     ``slots`` ``[S]`` before attending (one call instead of a cache write and a
     kernel call); a slot outside the cache raises ``IndexError``, writing nothing.
     Call only where :func:`paged_decode_available` (or pass a ``library`` from
-    :func:`load_kernel`). A step's layers share a :class:`DecodeSequences` instead.
+    :func:`load_kernel`). ``bias``: float32 ``[S, H, L]`` (``L`` at least the longest
+    sequence), added to each query head's scaled scores (T5's relative position bias).
+    A step's layers share a :class:`DecodeSequences` instead.
     """
     sequences = DecodeSequences(
         block_tables, seq_lens, block_size, None if new is None else new[2], library=library
     )
-    return sequences.attend(q, key_cache, value_cache, scale, None if new is None else new[:2])
+    new_kv = None if new is None else new[:2]
+    return sequences.attend(q, key_cache, value_cache, scale, new_kv, bias=bias)
 
 
 class DecodeSequences:
@@ -118,6 +122,7 @@ class DecodeSequences:
         assert block_tables.dtype == seq_lens.dtype == torch.int64
         self._tables, self._lengths = block_tables.contiguous(), seq_lens.contiguous()
         self.num_seqs = self._lengths.shape[0]
+        self._longest = int(self._lengths.max()) if self.num_seqs else 0
         assert self._tables.shape[0] == self.num_seqs
         self._slots = None
         if new_slots is not None:
@@ -139,10 +144,12 @@ class DecodeSequences:
         new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         *,
         checked: bool = False,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One layer: :func:`paged_decode` of ``q`` over the caches, ``new_kv`` (the new
         keys and values, with the slots given at construction) written first;
-        ``checked``: the caller has seen :func:`can_write_new` hold for ``new_kv``."""
+        ``checked``: the caller has seen :func:`can_write_new` hold for ``new_kv``;
+        ``bias``: as :func:`paged_decode`'s."""
         if q.dtype not in (torch.bfloat16, torch.float32) or key_cache.dtype != q.dtype:
             raise TypeError(f"paged_decode: q {q.dtype}, cache {key_cache.dtype}")
         q = q.contiguous()
@@ -164,10 +171,21 @@ class DecodeSequences:
                 k.stride(0),
                 v.stride(0),
             )
+        bias_args: tuple[int | None, int] = (None, 0)
+        if bias is not None:
+            if (
+                bias.dtype != torch.float32
+                or bias.dim() != 3
+                or bias.shape[:2] != (num_seqs, heads)
+                or bias.shape[2] < self._longest
+                or not bias.is_contiguous()
+            ):
+                raise ValueError("paged_decode: the bias must be float32 [S, H, >= longest]")
+            bias_args = (bias.data_ptr(), bias.shape[2])
         status = (self._bf16 if q.dtype == torch.bfloat16 else self._f32)(
             q.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), tables, lengths,
             out.data_ptr(), num_seqs, heads, kv_heads, head_dim, block_size, max_blocks, scale,
-            *new_rows, key_cache.shape[0],
+            *new_rows, key_cache.shape[0], *bias_args,
         )  # fmt: skip
         if status:
             raise IndexError(

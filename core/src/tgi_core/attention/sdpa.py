@@ -184,14 +184,11 @@ class SdpaBackend(AttentionBackend):
         """Whether the decode kernel attends for ``layer`` (in place from the paged cache,
         no gathered copy: attention/native.py). A float32 cache keeps SDPA, whose sums
         match transformers' to the last bits (a quantized layer computing in bf16 inside
-        amplifies any other order); position biases and windows keep it too."""
+        amplifies any other order); ALiBi and windows keep it too. A relative position
+        bias (T5's) goes to the kernel, which adds it to the scores (``_kernel_bias``)."""
         memo = cls._kernel_memo.get(layer)
         if memo is None or memo[0] != cache_dtype:
-            plain = (
-                layer.alibi_slopes is None
-                and layer.position_bias is None
-                and layer.sliding_window is None
-            )
+            plain = layer.alibi_slopes is None and layer.sliding_window is None
             compute = cls._compute_dtype(layer, cache_dtype)
             suits = plain and compute == cache_dtype == torch.bfloat16
             memo = (cache_dtype, suits)
@@ -287,7 +284,10 @@ class SdpaBackend(AttentionBackend):
                 cache.write(layer.layer_index, batch.slot_mapping, k, v)
             sequences = plan.decodes.bind(writes, batch.slot_mapping)
             new = (k, v) if writes else None
-            out = sequences.attend(q.to(keys.dtype), keys, values, layer.scale, new, checked=True)
+            bias = self._kernel_bias(layer, plan.decodes, plan)
+            out = sequences.attend(
+                q.to(keys.dtype), keys, values, layer.scale, new, checked=True, bias=bias
+            )
             return out.to(q.dtype).flatten(1)
         cache.write(layer.layer_index, batch.slot_mapping, k, v)
         gqa = layer.num_kv_heads != layer.num_heads
@@ -334,7 +334,8 @@ class SdpaBackend(AttentionBackend):
         """Attention of one query per sequence ``q`` ``[S, H, D]`` -> ``[S, H, D]``, in the
         layer's decode dtype, over the cache (the step's rows already written)."""
         if self._kernel_applies(layer, keys.dtype):  # in the cache's dtype
-            return d.bind(False).attend(q.to(keys.dtype), keys, values, layer.scale)
+            bias = self._kernel_bias(layer, d, plan)
+            return d.bind(False).attend(q.to(keys.dtype), keys, values, layer.scale, bias=bias)
         dtype = self._decode_dtype(layer, keys.dtype)
         kv_heads, group = layer.num_kv_heads, layer.num_heads // layer.num_kv_heads
         shape = (*d.slots.shape, kv_heads, layer.head_dim)
@@ -351,6 +352,19 @@ class SdpaBackend(AttentionBackend):
             query, key, value, attn_mask=mask, scale=layer.scale
         )
         return attended.view(q.shape[0], layer.num_heads, layer.head_dim)
+
+    @staticmethod
+    def _kernel_bias(layer: Attention, d: _Decodes, plan: _Plan) -> torch.Tensor | None:
+        """The decode kernel's additive bias ``[S, H, L]`` float32 for a layer with a
+        relative position bias (None without): built once a step, every layer shares
+        the table."""
+        if layer.position_bias is None:
+            return None
+        key = ("kernel", id(layer.position_bias))
+        if key not in plan.memo:
+            bias = layer.position_bias(d.query_pos[:, None], d.key_pos.long())  # [S,H,1,L]
+            plan.memo[key] = bias.squeeze(2).float().contiguous()
+        return plan.memo[key]
 
     @staticmethod
     def _decode_mask(

@@ -5,8 +5,10 @@
 // and called through ctypes, which releases the GIL. Layouts: q and out [S, H, D]; each
 // cache [slots, Hkv, D] (slot = block * block_size + offset); block_tables [S,
 // max_blocks]; seq_lens [S]. The query heads h * G .. h * G + G - 1 share key/value head
-// h (G = H / Hkv). Scores and sums in float32; bf16 out rounded to nearest even. No
-// masks, windows or position biases: the caller keeps those on its general path.
+// h (G = H / Hkv). Scores and sums in float32; bf16 out rounded to nearest even.
+// Optionally an additive bias per (sequence, query head, position) (T5's relative
+// position bias), float32 [S][H][bias_stride]; no masks or windows: the caller keeps
+// those on its general path.
 //
 // Three paths: bf16 caches with head size 64 or 128 on AVX-512 BF16 take one pass over a
 // sequence's positions, 16 at a time, keys and values of a block together, with a
@@ -225,7 +227,8 @@ inline void weigh_heads(float* acc, const float* p, int64_t head_step, int64_t r
 template <int64_t D>
 void attend_blocks(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
                    const int64_t* table, int64_t len, uint16_t* out, int64_t G, int64_t Hkv,
-                   int64_t block_size, float scale, int64_t h0, int64_t heads, float* scratch) {
+                   int64_t block_size, float scale, int64_t h0, int64_t heads, float* scratch,
+                   const float* bias, int64_t bias_stride) {
   const int64_t count = heads * G, stride = Hkv * D, kv_offset = h0 * D;
   float* acc = scratch;               // [count][D]
   float* p = acc + count * D;         // [count][16]: one block's scores, then weights
@@ -251,6 +254,11 @@ void attend_blocks(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v
     if (n == 16) score_rows<16>(q, k_rows, n, G, D, count, scale_v, p, 16);
     else score_rows<0>(q, k_rows, n, G, D, count, scale_v, p, 16);
     const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
+    if (bias != nullptr)  // query head j's bias row, positions l0 .. l0 + n
+      for (int64_t j = 0; j < count; ++j)
+        _mm512_mask_storeu_ps(p + j * 16, valid,
+                              _mm512_add_ps(_mm512_maskz_loadu_ps(valid, p + j * 16),
+                                            _mm512_maskz_loadu_ps(valid, bias + j * bias_stride + l0)));
     for (int64_t j = 0; j < count; ++j) {
       const __m512 scores = _mm512_maskz_loadu_ps(valid, p + j * 16);
       const float block_max = _mm512_mask_reduce_max_ps(valid, scores);
@@ -393,7 +401,8 @@ inline void score_bf16(const uint16_t*, const uint16_t*, const int64_t*, int64_t
                        int64_t, int64_t, int64_t, int64_t, int64_t, float, float*) {}
 template <int64_t D>
 void attend_blocks(const uint16_t*, const uint16_t*, const uint16_t*, const int64_t*, int64_t,
-                   uint16_t*, int64_t, int64_t, int64_t, float, int64_t, int64_t, float*) {}
+                   uint16_t*, int64_t, int64_t, int64_t, float, int64_t, int64_t, float*,
+                   const float*, int64_t) {}
 #endif
 
 #if !defined(TGI_DECODE_TILES)  // never called: kTiles is false
@@ -489,7 +498,8 @@ template <typename T, int64_t FixedD>
 void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t len,
             T* out, int64_t H, int64_t Hkv, int64_t AnyD, int64_t block_size, float scale,
             int64_t h0, int64_t h1, float* qf, float* scores, float* acc, float* row,
-            float* inv_total, float* block_scratch, TileScratch* tiles) {
+            float* inv_total, float* block_scratch, TileScratch* tiles, const float* bias,
+            int64_t bias_stride) {
   const int64_t D = FixedD ? FixedD : AnyD;
   const int64_t G = H / Hkv, heads = h1 - h0, first = h0 * G * D;
   if constexpr (std::is_same_v<T, uint16_t> && kBf16Dot && (FixedD == 64 || FixedD == 128)) {
@@ -499,11 +509,15 @@ void attend(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
       return;
     }
     attend_blocks<FixedD>(q + first, k_cache, v_cache, table, len, out + first, G, Hkv,
-                          block_size, scale, h0, heads, block_scratch);
+                          block_size, scale, h0, heads, block_scratch,
+                          bias ? bias + h0 * G * bias_stride : nullptr, bias_stride);
     return;
   }
   score<T, FixedD>(q + first, k_cache, table, len, G, Hkv, D, block_size, scale, h0, heads, qf,
                    row, scores);
+  if (bias != nullptr)
+    for (int64_t j = 0; j < heads * G; ++j)
+      for (int64_t l = 0; l < len; ++l) scores[j * len + l] += bias[(h0 * G + j) * bias_stride + l];
   softmax_rows(scores, heads * G, len, inv_total);
   weigh<T, FixedD>(v_cache, table, len, G, Hkv, D, block_size, h0, heads, scores, row, acc);
   for (int64_t j = 0; j < heads * G; ++j)
@@ -523,16 +537,18 @@ struct NewRows {
 template <typename T, int64_t FixedD>
 void decode(const T* q, T* k_cache, T* v_cache, const int64_t* block_tables,
             const int64_t* seq_lens, T* out, int64_t S, int64_t H, int64_t Hkv, int64_t D,
-            int64_t block_size, int64_t max_blocks, float scale, const NewRows<T>* new_rows) {
+            int64_t block_size, int64_t max_blocks, float scale, const NewRows<T>* new_rows,
+            const float* bias, int64_t bias_stride) {
   int64_t max_len = 1;
   for (int64_t s = 0; s < S; ++s) max_len = std::max(max_len, seq_lens[s]);
   // The AMX score path takes bf16 heads of 64 or 128, runs of 16 positions in one cache
   // block, and items of at most 16 query heads: tile_split items per sequence, the
-  // fewest that keep to that (0: no tiles here).
+  // fewest that keep to that (0: no tiles here; nor with a bias, which the vector
+  // path adds).
   const int64_t G = H / Hkv;
   int64_t tile_split = 0;
   if constexpr (std::is_same_v<T, uint16_t> && kTiles && (FixedD == 64 || FixedD == 128)) {
-    if (g_tiles && block_size % 16 == 0)
+    if (g_tiles && block_size % 16 == 0 && bias == nullptr)
       for (int64_t parts = 1; parts <= Hkv && !tile_split; ++parts)
         if (Hkv % parts == 0 && (Hkv / parts) * G <= 16) tile_split = parts;
   }
@@ -563,7 +579,8 @@ void decode(const T* q, T* k_cache, T* v_cache, const int64_t* block_tables,
       attend<T, FixedD>(q + s * H * D, k_cache, v_cache, block_tables + s * max_blocks,
                         seq_lens[s], out + s * H * D, H, Hkv, D, block_size, scale, h0,
                         h0 + heads, qf.data(), scores.data(), acc.data(), row.data(), inv.data(),
-                        block_scratch.data(), tile_split ? &tile_scratch : nullptr);
+                        block_scratch.data(), tile_split ? &tile_scratch : nullptr,
+                        bias ? bias + s * H * bias_stride : nullptr, bias_stride);
     }
     if (tile_split) release_score_tiles();
   }
@@ -574,15 +591,15 @@ int dispatch(const T* q, T* k, T* v, const int64_t* tables, const int64_t* lens,
              int64_t S, int64_t H, int64_t Hkv, int64_t D, int64_t block_size,
              int64_t max_blocks, float scale, const T* new_k, const T* new_v,
              const int64_t* new_slots, int64_t new_k_stride, int64_t new_v_stride,
-             int64_t num_slots) {
+             int64_t num_slots, const float* bias, int64_t bias_stride) {
   NewRows<T> rows{new_k, new_v, new_slots, new_k_stride, new_v_stride};
   const NewRows<T>* new_rows = new_k != nullptr ? &rows : nullptr;
   if (new_rows != nullptr)
     for (int64_t s = 0; s < S; ++s)
       if (new_slots[s] < 0 || new_slots[s] >= num_slots) return -1;  // nothing written
-  if (D == 64) decode<T, 64>(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale, new_rows);
-  else if (D == 128) decode<T, 128>(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale, new_rows);
-  else decode<T, 0>(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale, new_rows);
+  if (D == 64) decode<T, 64>(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale, new_rows, bias, bias_stride);
+  else if (D == 128) decode<T, 128>(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale, new_rows, bias, bias_stride);
+  else decode<T, 0>(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale, new_rows, bias, bias_stride);
   return 0;
 }
 
@@ -590,23 +607,27 @@ int dispatch(const T* q, T* k, T* v, const int64_t* tables, const int64_t* lens,
 
 // q [S, H, D] attends over each sequence's cached positions [0, seq_len); with new_k
 // (else null), the step's new rows are first written to slots new_slots[s] (each below
-// num_slots, else -1 is returned and nothing computed). Returns 0.
+// num_slots, else -1 is returned and nothing computed). bias (else null): float32
+// [S][H][bias_stride], bias[s][h][l] added to the scaled score of query head h and
+// position l. Returns 0.
 extern "C" {
 int tgi_paged_decode_bf16(const uint16_t* q, uint16_t* k, uint16_t* v, const int64_t* tables,
                           const int64_t* lens, uint16_t* out, int64_t S, int64_t H, int64_t Hkv,
                           int64_t D, int64_t block_size, int64_t max_blocks, float scale,
                           const uint16_t* new_k, const uint16_t* new_v, const int64_t* new_slots,
-                          int64_t new_k_stride, int64_t new_v_stride, int64_t num_slots) {
+                          int64_t new_k_stride, int64_t new_v_stride, int64_t num_slots,
+                          const float* bias, int64_t bias_stride) {
   return dispatch(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale, new_k,
-                  new_v, new_slots, new_k_stride, new_v_stride, num_slots);
+                  new_v, new_slots, new_k_stride, new_v_stride, num_slots, bias, bias_stride);
 }
 int tgi_paged_decode_f32(const float* q, float* k, float* v, const int64_t* tables,
                          const int64_t* lens, float* out, int64_t S, int64_t H, int64_t Hkv,
                          int64_t D, int64_t block_size, int64_t max_blocks, float scale,
                          const float* new_k, const float* new_v, const int64_t* new_slots,
-                         int64_t new_k_stride, int64_t new_v_stride, int64_t num_slots) {
+                         int64_t new_k_stride, int64_t new_v_stride, int64_t num_slots,
+                         const float* bias, int64_t bias_stride) {
   return dispatch(q, k, v, tables, lens, out, S, H, Hkv, D, block_size, max_blocks, scale, new_k,
-                  new_v, new_slots, new_k_stride, new_v_stride, num_slots);
+                  new_v, new_slots, new_k_stride, new_v_stride, num_slots, bias, bias_stride);
 }
 }
 
