@@ -62,10 +62,12 @@ def _tables_and_slots(
     those positions' cache slots ``[S, max(lengths)]``; padding reads block 0 (present in
     every cache, and masked or never read)."""
     longest = max(lengths)
-    tables = torch.zeros(len(lengths), -(-longest // block_size), dtype=torch.int64)
-    for row, (table, length) in enumerate(zip(block_tables, lengths, strict=True)):
+    width = -(-longest // block_size)
+    rows = []  # one tensor from lists: a copy per row cost ~10 us each, ~0.6 ms a step
+    for table, length in zip(block_tables, lengths, strict=True):
         used = -(-length // block_size)
-        tables[row, :used] = torch.tensor(table[:used])
+        rows.append([*table[:used], *itertools.repeat(0, width - used)])
+    tables = torch.tensor(rows, dtype=torch.int64).view(len(lengths), width)
     positions = torch.arange(longest)
     slots = tables[:, positions // block_size] * block_size + positions % block_size
     return tables, slots
