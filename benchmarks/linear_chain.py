@@ -1,6 +1,7 @@
-"""Every linear layer of a model step, in order, on packed bf16 weights: the AMX kernel
-(``tgi_core.model.layers.amx_gemm``) against oneDNN (``_linear_pointwise`` on weights
-reordered once), at several numbers of rows (a decode batch, a prefill chunk).
+"""Every linear layer of a model step, in order, on packed bf16 weights: our kernel
+(``tgi_core.model.layers.amx_gemm``: AMX, or AVX-512 BF16 without AMX) against oneDNN
+(``_linear_pointwise`` on weights reordered once), at several numbers of rows (a decode
+batch, a prefill chunk).
 
 The weights are the SmolLM-135M shape's (30 layers of fused QKV, output, fused gate/up
 and down projections, then the 49152-row LM head: ~268 MB in bf16), distinct per layer
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 from docs_section import write
+from machine import describe_machine
 from shapes import SMOLLM_135M
 
 from tgi_core.model.layers import amx_gemm
@@ -70,19 +72,21 @@ def main() -> None:
     parser.add_argument("--write", type=Path)
     args = parser.parse_args()
     if not amx_gemm.available():
-        raise SystemExit("the AMX kernel is unavailable on this machine")
+        raise SystemExit("neither the AMX nor the AVX-512 kernel runs on this machine")
+    kernel = "AMX" if amx_gemm.kind() == "amx" else "AVX-512"
     shapes = layer_shapes(SMOLLM_135M)
     weight_bytes = sum(out * inp * 2 for out, inp in shapes)
     lines = [
         BEGIN,
-        "## Linear layers: AMX kernel vs oneDNN (`benchmarks/linear_chain.py`)",
+        "## Linear layers: our kernel vs oneDNN (`benchmarks/linear_chain.py`)",
         "",
-        f"Measured {datetime.now(UTC):%Y-%m-%d}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads: every linear layer of one SmolLM-135M-shaped "
+        f"Measured {datetime.now(UTC):%Y-%m-%d} on {describe_machine()}, the {kernel} "
+        "kernel: every linear layer of one SmolLM-135M-shaped "
         f"step in order ({len(shapes)} GEMMs, {weight_bytes / 1e6:.0f} MB of bf16 weights, "
         f"distinct per layer), median of {args.repeats} alternating runs.",
         "",
-        "| rows | AMX kernel | oneDNN, packed | AMX / oneDNN | AMX weight read rate |",
+        f"| rows | {kernel} kernel | oneDNN, packed | {kernel} / oneDNN | "
+        f"{kernel} weight read rate |",
         "|---|---|---|---|---|",
     ]
     for rows in args.rows:
