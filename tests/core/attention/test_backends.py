@@ -47,9 +47,10 @@ class Scenario:
         random.Random(seed).shuffle(free)  # blocks anywhere in the cache, not in order
         self.tables = [[free.pop() for _ in range(-(-n // BLOCK))] for n in lengths]
 
-    def run(self, backend, layer, steps):
-        """``steps``: per step, per sequence, the number of new tokens (0: not scheduled)."""
-        cache = KVCache.allocate([layer], 200, BLOCK, backend.kv_cache_dtype(torch.float32))
+    def run(self, backend, layer, steps, dtype=torch.float32):
+        """``steps``: per step, per sequence, the number of new tokens (0: not scheduled);
+        q, k and v go in as ``dtype``."""
+        cache = KVCache.allocate([layer], 200, BLOCK, backend.kv_cache_dtype(dtype))
         done = [0] * len(self.q)
         outputs = [[] for _ in self.q]
         for step in steps:
@@ -61,7 +62,7 @@ class Scenario:
             batch = ForwardBatch.build(chunks, cache, backend)
 
             def new(xs, step=step, members=members):
-                return torch.cat([xs[i][done[i] : done[i] + step[i]] for i in members])
+                return torch.cat([xs[i][done[i] : done[i] + step[i]] for i in members]).to(dtype)
 
             out = layer(new(self.q), new(self.k), new(self.v), batch)
             for j, i in enumerate(members):
@@ -160,3 +161,35 @@ def test_builtin_spec_features_match_the_backends(tgi_registry) -> None:
         spec = tgi_registry.attention_backends[backend_cls.name]
         assert spec.load() is backend_cls
         assert spec.features == backend_cls.features
+
+
+@pytest.mark.parametrize("dim", [64, 8])
+def test_bfloat16_prefills_attend_through_the_decode_kernel(
+    dim: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a bf16 cache, a prompt and a chunk continuing a cached prefix attend through
+    the decode kernel, each query over the cache up to its own position (as many calls
+    as prefills, not one per query); within bf16 rounding of exact attention."""
+    from tgi_core.attention import native
+
+    if not native.paged_decode_available():
+        pytest.skip("no C++ compiler to build the decode kernel")
+    monkeypatch.setattr(sdpa, "cpu_has_native_bf16", lambda: True)
+    lengths_per_query: list[list[int]] = []
+    attend = native.DecodeSequences.attend
+
+    def recorded(self, q, *args, **kwargs):
+        lengths_per_query.append(self._lengths.tolist())
+        return attend(self, q, *args, **kwargs)
+
+    monkeypatch.setattr(native.DecodeSequences, "attend", recorded)
+    scenario = Scenario(LENGTHS, heads=4, kv_heads=2, dim=dim)
+    layer = Attention(4, dim, 2, scale=dim**-0.5)
+    layer.layer_index = 0
+    outputs, _ = scenario.run(SdpaBackend(), layer, STEPS, dtype=torch.bfloat16)
+    assert [1, 2, 3, 4, 5] in lengths_per_query  # sequence 0's prompt, step 1
+    assert [10, 11, 12, 13] in lengths_per_query  # sequence 1's chunk after 9 cached
+    for i, out in enumerate(outputs):
+        q, k, v = (t[i].bfloat16().float() for t in (scenario.q, scenario.k, scenario.v))
+        expected = dense_attention(q, k, v, scale=dim**-0.5)
+        torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=2e-2)

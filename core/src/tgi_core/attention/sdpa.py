@@ -7,9 +7,11 @@ once for every layer:
   cache by the native kernel (``attention/native.py``) when the layer has no position
   bias or window; otherwise in one batched SDPA call, their keys gathered from the cache
   into ``[S, max_len]`` (padding masked);
-- prefill sequences (a prompt or a chunk of one) are attended one by one: a fresh prompt
-  uses its own new keys with a causal mask; a chunk that continues a cached prefix
-  gathers its past from the cache.
+- prefill sequences (a prompt or a chunk of one) are attended one by one: where the
+  native kernel applies, each query of the chunk is one of its sequences, over the cache
+  up to its own position (the chunk's keys are written first); otherwise SDPA, a fresh
+  prompt over its own new keys with a causal mask, a chunk that continues a cached
+  prefix over its past gathered from the cache.
 
 Encoder-decoder models (T5) add two kinds of layers: encoder layers attend within each
 source of the step (bidirectional, no cache), and cross-attention layers attend to the
@@ -106,6 +108,23 @@ class _Prefill:
     end: int
     num_cached: int
     slots: torch.Tensor | None  # every position's slot when a cached prefix is attended
+    block_table: Sequence[int]
+    block_size: int
+    #: the chunk's queries as the decode kernel's sequences, built on first use
+    kernel_sequences: DecodeSequences | None = None
+
+    def as_decodes(self) -> DecodeSequences:
+        """Each query of the chunk as one sequence of the decode kernel, over the cached
+        positions up to its own (the chunk's keys are in the cache by then)."""
+        if self.kernel_sequences is None:
+            n = self.end - self.start
+            used = -(-(self.num_cached + n) // self.block_size)
+            table = torch.tensor(list(self.block_table[:used]), dtype=torch.int64)
+            lengths = torch.arange(self.num_cached + 1, self.num_cached + n + 1)
+            self.kernel_sequences = DecodeSequences(
+                table.expand(n, used).contiguous(), lengths, self.block_size
+            )
+        return self.kernel_sequences
 
 
 @dataclass
@@ -235,6 +254,8 @@ class SdpaBackend(AttentionBackend):
                     batch.query_start[index + 1],
                     chunk.num_cached,
                     slots_all,
+                    chunk.block_table,
+                    batch.block_size,
                 )
             )
         return _Plan(decodes, prefills, self._prepare_cross(batch))
@@ -303,7 +324,12 @@ class SdpaBackend(AttentionBackend):
             out[plan.decodes.rows] = self._decodes(
                 layer, q[plan.decodes.rows], keys, values, plan.decodes, plan
             )
+        kernel = layer.position_bias is None and self._kernel_applies(layer, keys.dtype)
         for p in plan.prefills:
+            if kernel:  # each query over its causal prefix, in place from the cache
+                query = q[p.start : p.end].to(keys.dtype)
+                out[p.start : p.end] = p.as_decodes().attend(query, keys, values, layer.scale)
+                continue
             query = q[p.start : p.end].to(dtype).transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             if p.slots is None:
                 key, value = k[p.start : p.end], v[p.start : p.end]
