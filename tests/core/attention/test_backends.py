@@ -167,14 +167,16 @@ def test_builtin_spec_features_match_the_backends(tgi_registry) -> None:
 def test_bfloat16_prefills_attend_through_the_decode_kernel(
     dim: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With a bf16 cache, a prompt and a chunk continuing a cached prefix attend through
-    the decode kernel, each query over the cache up to its own position (as many calls
-    as prefills, not one per query); within bf16 rounding of exact attention."""
+    """With a bf16 cache on a CPU without AMX, a prompt and a chunk continuing a cached
+    prefix attend through the decode kernel, each query over the cache up to its own
+    position (as many calls as prefills, not one per query); within bf16 rounding of
+    exact attention."""
     from tgi_core.attention import native
 
     if not native.paged_decode_available():
         pytest.skip("no C++ compiler to build the decode kernel")
     monkeypatch.setattr(sdpa, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(sdpa, "_has_amx", lambda: False)  # the path CPUs without AMX take
     lengths_per_query: list[list[int]] = []
     attend = native.DecodeSequences.attend
 

@@ -4,14 +4,14 @@ Per step, ``prepare`` splits the sequences in two groups and builds their index 
 once for every layer:
 
 - decode sequences (one new token each) are attended together: in place from a bf16
-  cache by the native kernel (``attention/native.py``) when the layer has no position
-  bias or window; otherwise in one batched SDPA call, their keys gathered from the cache
-  into ``[S, max_len]`` (padding masked);
+  cache by the native kernel (``attention/native.py``) when the layer has no ALiBi or
+  window (the kernel adds T5's relative position bias itself); otherwise in one batched
+  SDPA call, their keys gathered from the cache into ``[S, max_len]`` (padding masked);
 - prefill sequences (a prompt or a chunk of one) are attended one by one: where the
-  native kernel applies, each query of the chunk is one of its sequences, over the cache
-  up to its own position (the chunk's keys are written first); otherwise SDPA, a fresh
-  prompt over its own new keys with a causal mask, a chunk that continues a cached
-  prefix over its past gathered from the cache.
+  native kernel applies and the CPU has no AMX, each query of the chunk is one of the
+  kernel's sequences, over the cache up to its own position (the chunk's keys are
+  written first); otherwise SDPA, a fresh prompt over its own new keys with a causal
+  mask, a chunk that continues a cached prefix over its past gathered from the cache.
 
 Encoder-decoder models (T5) add two kinds of layers: encoder layers attend within each
 source of the step (bidirectional, no cache), and cross-attention layers attend to the
@@ -324,7 +324,12 @@ class SdpaBackend(AttentionBackend):
             out[plan.decodes.rows] = self._decodes(
                 layer, q[plan.decodes.rows], keys, values, plan.decodes, plan
             )
-        kernel = layer.position_bias is None and self._kernel_applies(layer, keys.dtype)
+        # on AMX CPUs bf16 SDPA runs on AMX tiles: only measured slower without them
+        kernel = (
+            not _has_amx()
+            and layer.position_bias is None
+            and self._kernel_applies(layer, keys.dtype)
+        )
         for p in plan.prefills:
             if kernel:  # each query over its causal prefix, in place from the cache
                 query = q[p.start : p.end].to(keys.dtype)
