@@ -122,7 +122,6 @@ class DecodeSequences:
         assert block_tables.dtype == seq_lens.dtype == torch.int64
         self._tables, self._lengths = block_tables.contiguous(), seq_lens.contiguous()
         self.num_seqs = self._lengths.shape[0]
-        self._longest = int(self._lengths.max()) if self.num_seqs else 0
         assert self._tables.shape[0] == self.num_seqs
         self._slots = None
         if new_slots is not None:
@@ -177,7 +176,7 @@ class DecodeSequences:
                 bias.dtype != torch.float32
                 or bias.dim() != 3
                 or bias.shape[:2] != (num_seqs, heads)
-                or bias.shape[2] < self._longest
+                or bias.shape[2] < int(self._lengths.max())  # only read with a bias
                 or not bias.is_contiguous()
             ):
                 raise ValueError("paged_decode: the bias must be float32 [S, H, >= longest]")
