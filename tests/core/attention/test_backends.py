@@ -164,17 +164,21 @@ def test_builtin_spec_features_match_the_backends(tgi_registry) -> None:
 
 
 @pytest.mark.parametrize("dim", [64, 8])
-def test_bfloat16_prefills_attend_through_the_decode_kernel(
+def test_bfloat16_prefills_attend_through_a_kernel(
     dim: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With a bf16 cache on a CPU without AMX, a prompt and a chunk continuing a cached
-    prefix attend through the decode kernel, each query over the cache up to its own
-    position (as many calls as prefills, not one per query); within bf16 rounding of
-    exact attention."""
-    from tgi_core.attention import native
+    """With a bf16 cache on a CPU without AMX, prompts and chunks continuing a cached
+    prefix attend in place from the cache: a step's prefills in one call of the prefill
+    kernel where it takes the head size (64) and the CPU has AVX-512 BF16; else through
+    the decode kernel, each query over the cache up to its own position (8: as many
+    calls as prefills, not one per query). Within bf16 rounding of exact attention."""
+    from tgi_core.attention import flash_prefill, native
 
     if not native.paged_decode_available():
         pytest.skip("no C++ compiler to build the decode kernel")
+    prefill_kernel = flash_prefill.flash_prefill_available(dim)
+    if dim == 64 and not prefill_kernel:
+        pytest.skip("no AVX-512 BF16 for the prefill kernel")
     monkeypatch.setattr(sdpa, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(sdpa, "_has_amx", lambda: False)  # the path CPUs without AMX take
     lengths_per_query: list[list[int]] = []
@@ -185,12 +189,24 @@ def test_bfloat16_prefills_attend_through_the_decode_kernel(
         return attend(self, q, *args, **kwargs)
 
     monkeypatch.setattr(native.DecodeSequences, "attend", recorded)
+    prefill_calls: list[tuple[list[int], list[int]]] = []
+    attend_prefills = flash_prefill.PrefillSequences.attend
+
+    def recorded_prefills(self, *args, **kwargs):
+        prefill_calls.append((self._q_len.tolist(), self._q_pos.tolist()))
+        return attend_prefills(self, *args, **kwargs)
+
+    monkeypatch.setattr(flash_prefill.PrefillSequences, "attend", recorded_prefills)
     scenario = Scenario(LENGTHS, heads=4, kv_heads=2, dim=dim)
     layer = Attention(4, dim, 2, scale=dim**-0.5)
     layer.layer_index = 0
     outputs, _ = scenario.run(SdpaBackend(), layer, STEPS, dtype=torch.bfloat16)
-    assert [1, 2, 3, 4, 5] in lengths_per_query  # sequence 0's prompt, step 1
-    assert [10, 11, 12, 13] in lengths_per_query  # sequence 1's chunk after 9 cached
+    if prefill_kernel:  # (queries, first position) of each prefill, per step with any
+        assert prefill_calls == [([5, 9], [0, 0]), ([4, 7], [9, 0]), ([3], [8])]
+    else:
+        assert not prefill_calls
+        assert [1, 2, 3, 4, 5] in lengths_per_query  # sequence 0's prompt, step 1
+        assert [10, 11, 12, 13] in lengths_per_query  # sequence 1's chunk after 9 cached
     for i, out in enumerate(outputs):
         q, k, v = (t[i].bfloat16().float() for t in (scenario.q, scenario.k, scenario.v))
         expected = dense_attention(q, k, v, scale=dim**-0.5)

@@ -41,6 +41,11 @@ import torch.nn.functional as F
 from tgi_core import kernels
 from tgi_core.attention.backend import AttentionBackend
 from tgi_core.attention.batch import ForwardBatch, slots_for
+from tgi_core.attention.flash_prefill import (
+    PrefillSequences,
+    flash_prefill_available,
+    relative_bias_table,
+)
 from tgi_core.attention.native import (
     DecodeSequences,
     can_write_new,
@@ -57,19 +62,26 @@ def _has_amx() -> bool:
     return "amx_bf16" in kernels.cpu_flags()
 
 
-def _tables_and_slots(
-    block_tables: list[Sequence[int]], lengths: list[int], block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence, the blocks covering its first ``lengths[i]`` positions ``[S, B]`` and
-    those positions' cache slots ``[S, max(lengths)]``; padding reads block 0 (present in
-    every cache, and masked or never read)."""
-    longest = max(lengths)
-    width = -(-longest // block_size)
+def _block_tables(
+    block_tables: Sequence[Sequence[int]], lengths: Sequence[int], block_size: int
+) -> torch.Tensor:
+    """Per sequence, the blocks covering its first ``lengths[i]`` positions ``[S, B]``,
+    padded with block 0 (present in every cache, and masked or never read)."""
+    width = -(-max(lengths) // block_size)
     rows = []  # one tensor from lists: a copy per row cost ~10 us each, ~0.6 ms a step
     for table, length in zip(block_tables, lengths, strict=True):
         used = -(-length // block_size)
         rows.append([*table[:used], *itertools.repeat(0, width - used)])
-    tables = torch.tensor(rows, dtype=torch.int64).view(len(lengths), width)
+    return torch.tensor(rows, dtype=torch.int64).view(len(lengths), width)
+
+
+def _tables_and_slots(
+    block_tables: list[Sequence[int]], lengths: list[int], block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_block_tables`, and the positions' cache slots ``[S, max(lengths)]``
+    (padding: block 0's)."""
+    longest = max(lengths)
+    tables = _block_tables(block_tables, lengths, block_size)
     positions = torch.arange(longest)
     slots = tables[:, positions // block_size] * block_size + positions % block_size
     return tables, slots
@@ -147,11 +159,29 @@ class _Plan:
     prefills: list[_Prefill]
     cross: _Cross | None = None
     #: per-step tensors every layer shares (position biases), built on first use
-    memo: dict[Any, torch.Tensor] = field(default_factory=dict)
+    memo: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def decode_only(self) -> bool:
         return self.decodes is not None and not self.prefills
+
+    def prefill_sequences(self) -> PrefillSequences:
+        """The step's prefills bound for the prefill kernel (their keys in the cache),
+        once for every layer."""
+        if "prefill kernel" not in self.memo:
+            lengths = [p.num_cached + p.end - p.start for p in self.prefills]
+            self.memo["prefill kernel"] = PrefillSequences(
+                [p.start for p in self.prefills],
+                [p.end - p.start for p in self.prefills],
+                [p.num_cached for p in self.prefills],
+                lengths,
+                block_tables=_block_tables(
+                    [p.block_table for p in self.prefills], lengths, self.prefills[0].block_size
+                ),
+                block_size=self.prefills[0].block_size,
+            )
+        sequences: PrefillSequences = self.memo["prefill kernel"]
+        return sequences
 
 
 class SdpaBackend(AttentionBackend):
@@ -330,6 +360,11 @@ class SdpaBackend(AttentionBackend):
             and layer.position_bias is None
             and self._kernel_applies(layer, keys.dtype)
         )
+        if kernel and flash_prefill_available(layer.head_dim):  # every prefill in one call
+            plan.prefill_sequences().attend(
+                q.to(keys.dtype), keys, values, out, layer.scale, causal=True
+            )
+            return out.to(q.dtype).flatten(1)
         for p in plan.prefills:
             if kernel:  # each query over its causal prefix, in place from the cache
                 query = q[p.start : p.end].to(keys.dtype)
@@ -472,12 +507,25 @@ class SdpaBackend(AttentionBackend):
         v: torch.Tensor,
         batch: ForwardBatch,
     ) -> torch.Tensor:
-        """Bidirectional attention within each source of the step (no cache)."""
+        """Bidirectional attention within each source of the step (no cache): on the
+        prefill kernel where it applies (bf16, no AMX, as for decoder prefills)."""
         assert batch.encoder is not None
         plan: _Plan = batch.state
         starts = batch.encoder.query_start
         dtype = self._compute_dtype(layer, batch.kv_cache.dtype)
         out = torch.empty(q.shape[0], layer.num_heads, layer.head_dim, dtype=dtype)
+        if self._encoder_kernel_applies(layer, dtype):
+            sources = self._encoder_sources(starts, plan)
+            bias = None
+            if layer.position_bias is not None:
+                key = ("encoder kernel", id(layer.position_bias))
+                if key not in plan.memo:
+                    plan.memo[key] = relative_bias_table(layer.position_bias, sources.longest)
+                bias = plan.memo[key]
+            sources.attend(
+                q.to(dtype), k.to(dtype), v.to(dtype), out, layer.scale, causal=False, bias=bias
+            )
+            return out.to(q.dtype).flatten(1)
         for start, end in itertools.pairwise(starts):
             mask = None
             if layer.position_bias is not None:
@@ -496,6 +544,27 @@ class SdpaBackend(AttentionBackend):
             )
             out[start:end] = attended[0].transpose(0, 1)
         return out.to(q.dtype).flatten(1)
+
+    @staticmethod
+    def _encoder_kernel_applies(layer: Attention, dtype: torch.dtype) -> bool:
+        plain = layer.alibi_slopes is None and layer.sliding_window is None
+        return (
+            plain
+            and dtype == torch.bfloat16
+            and not _has_amx()
+            and flash_prefill_available(layer.head_dim)
+        )
+
+    @staticmethod
+    def _encoder_sources(starts: Sequence[int], plan: _Plan) -> PrefillSequences:
+        """The step's sources as the prefill kernel's sequences (packed rows), once."""
+        if "encoder kernel" not in plan.memo:
+            lengths = [end - start for start, end in itertools.pairwise(starts)]
+            plan.memo["encoder kernel"] = PrefillSequences(
+                starts[:-1], lengths, [0] * len(lengths), lengths, kv_start=starts[:-1]
+            )
+        sources: PrefillSequences = plan.memo["encoder kernel"]
+        return sources
 
     def _cross(self, layer: Attention, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Each sequence's queries over its source's keys and values, from the cache."""
