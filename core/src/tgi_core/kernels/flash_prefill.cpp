@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include <omp.h>
@@ -82,6 +83,34 @@ void interleave_values(const Rows& rows, int64_t len, int64_t column, uint32_t* 
   }
 }
 
+// r[i] holds row i of a 16 x 16 matrix of 32-bit values; afterwards r[j] holds column j
+// (pairs, then quads, then across the 128-bit lanes)
+inline void transpose16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // r[4g + k], 128-bit lane L: column 4L + k of rows 4g .. 4g + 3
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512i low01 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x44);
+    const __m512i high01 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xee);
+    const __m512i low23 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x44);
+    const __m512i high23 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xee);
+    t[k] = _mm512_shuffle_i32x4(low01, low23, 0x88);
+    t[4 + k] = _mm512_shuffle_i32x4(low01, low23, 0xdd);
+    t[8 + k] = _mm512_shuffle_i32x4(high01, high23, 0x88);
+    t[12 + k] = _mm512_shuffle_i32x4(high01, high23, 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
 // One query head's running state over the tiles: the queries as pairs of dimensions
 // [D / 2][16 lanes], the weighted values transposed [D][16 lanes], max and sum per lane.
 template <int64_t D>
@@ -123,6 +152,7 @@ inline void tile_scores(const HeadState<D>& st, const uint16_t* keys, int count,
 template <int64_t D>
 inline void tile(HeadState<D>& st, const Item& item, const uint16_t* keys, int64_t l0,
                  int count, const uint32_t* values, float scale) {
+  const bool first = l0 == 0;  // the accumulators start here (not read, not rescaled)
   alignas(64) float scores[kTile][kLanes];
   alignas(64) uint32_t weights[kTile / 2][kLanes];
   tile_scores<D>(st, keys, (count + 15) & ~15, scores);
@@ -167,7 +197,8 @@ inline void tile(HeadState<D>& st, const Item& item, const uint16_t* keys, int64
   const int pairs = (count + 1) / 2;
   for (int64_t d0 = 0; d0 < D; d0 += 16) {
     __m512 acc[16];
-    for (int i = 0; i < 16; ++i) acc[i] = _mm512_mul_ps(_mm512_load_ps(st.acc[d0 + i]), rescale);
+    for (int i = 0; i < 16; ++i)
+      acc[i] = first ? _mm512_setzero_ps() : _mm512_mul_ps(_mm512_load_ps(st.acc[d0 + i]), rescale);
     for (int pr = 0; pr < pairs; ++pr) {
       const __m512bh w = (__m512bh)_mm512_load_si512(weights[pr]);
       const uint32_t* v = values + pr * D + d0;
@@ -176,12 +207,6 @@ inline void tile(HeadState<D>& st, const Item& item, const uint16_t* keys, int64
     }
     for (int i = 0; i < 16; ++i) _mm512_store_ps(st.acc[d0 + i], acc[i]);
   }
-}
-
-inline uint16_t to_bf16(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, 4);
-  return static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
 }
 
 // One item: its queries of each head sharing key/value head ``kv`` over the positions
@@ -194,13 +219,18 @@ void attend_item(const uint16_t* q, int64_t q_stride, const Rows& rows, const ui
   const int64_t G = H / Hkv;
   for (int64_t g = 0; g < G; ++g) {
     HeadState<D>& st = states[g];
-    const uint16_t* head_q = q + (kv * G + g) * D;
-    for (int64_t pair = 0; pair < D / 2; ++pair)
+    // the queries' pairs of dimensions, lane by lane (missing lanes zero): 16 pairs of
+    // the 16 rows at a time, transposed in registers
+    const uint16_t* head_q = q + item.first * q_stride + (kv * G + g) * D;
+    for (int64_t p0 = 0; p0 < D / 2; p0 += 16) {
+      const __mmask16 pairs = D / 2 - p0 >= 16 ? 0xffff : static_cast<__mmask16>((1u << (D / 2 - p0)) - 1);
+      __m512i r[16];
       for (int lane = 0; lane < kLanes; ++lane)
-        st.q[pair][lane] = lane < item.n
-            ? reinterpret_cast<const uint32_t*>(head_q + (item.first + lane) * q_stride)[pair]
-            : 0u;
-    std::memset(st.acc, 0, sizeof(st.acc));
+        r[lane] = lane < item.n ? _mm512_maskz_loadu_epi32(pairs, head_q + lane * q_stride + 2 * p0)
+                                : _mm512_setzero_si512();
+      transpose16(r);
+      for (int64_t i = 0; i < std::min<int64_t>(16, D / 2 - p0); ++i) _mm512_store_si512(st.q[p0 + i], r[i]);
+    }
     st.max = _mm512_set1_ps(-INFINITY);
     st.sum = _mm512_setzero_ps();
   }
@@ -218,13 +248,21 @@ void attend_item(const uint16_t* q, int64_t q_stride, const Rows& rows, const ui
       tile<D>(states[g], head, keys, l0, count, values + (l0 / 2) * D, scale);
     }
   }
+  // each lane's sums transposed back, 16 dimensions at a time, over the lane's total
   for (int64_t g = 0; g < G; ++g) {
     const HeadState<D>& st = states[g];
     alignas(64) float inv[kLanes];
     _mm512_store_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.f), st.sum));
-    for (int lane = 0; lane < item.n; ++lane) {
-      uint16_t* o = out + ((item.first + lane) * H + kv * G + g) * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = to_bf16(st.acc[d][lane] * inv[lane]);
+    uint16_t* o = out + (item.first * H + kv * G + g) * D;
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_castps_si512(_mm512_load_ps(st.acc[d0 + i]));
+      transpose16(r);
+      for (int lane = 0; lane < item.n; ++lane) {
+        const __m512 x = _mm512_mul_ps(_mm512_castsi512_ps(r[lane]), _mm512_set1_ps(inv[lane]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + lane * H * D + d0),
+                            (__m256i)_mm512_cvtneps_pbh(x));
+      }
     }
   }
 }
@@ -244,7 +282,7 @@ void prefill(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_s
   // each sequence's interleaved values, per key/value head: [s][kv][pairs][D]
   std::vector<int64_t> value_at(S + 1, 0);
   for (int64_t s = 0; s < S; ++s) value_at[s + 1] = value_at[s] + (kv_len[s] + kTile) / 2 * D * Hkv;
-  std::vector<uint32_t> values(value_at[S]);
+  std::unique_ptr<uint32_t[]> values(new uint32_t[value_at[S]]);  // all written before read
   std::vector<int64_t> items;  // (s, kv, first) flattened, the longest first
   for (int64_t s = 0; s < S; ++s)
     for (int64_t first = (q_len[s] - 1) / kLanes * kLanes; first >= 0;
@@ -257,7 +295,7 @@ void prefill(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_s
     for (int64_t task = 0; task < S * Hkv; ++task) {
       const int64_t s = task / Hkv, kv = task % Hkv;
       const int64_t per_head = (kv_len[s] + kTile) / 2 * D;
-      interleave_values<D>(rows_of(s), kv_len[s], kv * D, values.data() + value_at[s] + kv * per_head);
+      interleave_values<D>(rows_of(s), kv_len[s], kv * D, values.get() + value_at[s] + kv * per_head);
     }
     std::vector<HeadState<D>> states(H / Hkv);
 #pragma omp for schedule(dynamic, 1)
@@ -268,7 +306,7 @@ void prefill(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_s
                 causal != 0, kv_len[s], nullptr};
       const int64_t per_head = (kv_len[s] + kTile) / 2 * D;
       attend_item<D>(q + q_start[s] * q_stride, q_stride, rows_of(s),
-                     values.data() + value_at[s] + kv * per_head, out + q_start[s] * H * D, H,
+                     values.get() + value_at[s] + kv * per_head, out + q_start[s] * H * D, H,
                      Hkv, kv, item, scale, bias, bias_stride, bias_offset, states);
     }
   }
