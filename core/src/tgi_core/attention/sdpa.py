@@ -7,14 +7,17 @@ once for every layer:
   cache by the native kernel (``attention/native.py``) when the layer has no ALiBi or
   window (the kernel adds T5's relative position bias itself); otherwise in one batched
   SDPA call, their keys gathered from the cache into ``[S, max_len]`` (padding masked);
-- prefill sequences (a prompt or a chunk of one) are attended one by one: where the
-  native kernel applies and the CPU has no AMX, each query of the chunk is one of the
-  kernel's sequences, over the cache up to its own position (the chunk's keys are
-  written first); otherwise SDPA, a fresh prompt over its own new keys with a causal
-  mask, a chunk that continues a cached prefix over its past gathered from the cache.
+- prefill sequences (a prompt or a chunk of one): where the native kernels apply and
+  the CPU has no AMX, all of the step's in one call of the prefill kernel
+  (``attention/flash_prefill.py``) in place from the cache (the chunks' keys are
+  written first), or, for head sizes it is not built for, each query of a chunk as one
+  of the decode kernel's sequences over the cache up to its own position; otherwise one
+  by one through SDPA, a fresh prompt over its own new keys with a causal mask, a chunk
+  that continues a cached prefix over its past gathered from the cache.
 
 Encoder-decoder models (T5) add two kinds of layers: encoder layers attend within each
-source of the step (bidirectional, no cache), and cross-attention layers attend to the
+source of the step (bidirectional, no cache; on the prefill kernel where it applies, the
+step's sources in one call), and cross-attention layers attend to the
 sequence's source keys and values, kept in the cache since its encoder ran. T5's
 relative position bias is computed once per step and shared by every layer.
 
