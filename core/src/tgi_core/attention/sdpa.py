@@ -78,32 +78,50 @@ def _block_tables(
     return torch.tensor(rows, dtype=torch.int64).view(len(lengths), width)
 
 
-def _tables_and_slots(
-    block_tables: list[Sequence[int]], lengths: list[int], block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_block_tables`, and the positions' cache slots ``[S, max(lengths)]``
-    (padding: block 0's)."""
-    longest = max(lengths)
-    tables = _block_tables(block_tables, lengths, block_size)
+def _slots(tables: torch.Tensor, longest: int, block_size: int) -> torch.Tensor:
+    """The cache slots of positions ``[0, longest)`` through ``tables`` ``[S, B]``
+    (:func:`_block_tables`): ``[S, longest]``, padding block 0's."""
     positions = torch.arange(longest)
-    slots = tables[:, positions // block_size] * block_size + positions % block_size
-    return tables, slots
+    return tables[:, positions // block_size] * block_size + positions % block_size
 
 
 @dataclass
 class _Decodes:
+    """The step's decode sequences (one new token each). What only the gather + SDPA
+    path reads (slots, masks) is built on first use: the kernel path never does."""
+
     rows: torch.Tensor  # [S] packed index of each decode token
-    slots: torch.Tensor  # [S, L] cache slots of each sequence's positions (padding: block 0)
-    flat_slots: torch.Tensor  # the same, flattened, for index_select
-    all_valid: bool  # every sequence has max_len positions (no padding)
-    valid: torch.Tensor  # [S, L] bool: position exists
-    key_pos: torch.Tensor  # [L] float positions, for ALiBi
     query_pos: torch.Tensor  # [S] position of each decode token
     block_tables: torch.Tensor  # [S, max_blocks] each sequence's blocks (padded with 0)
     lengths: torch.Tensor  # [S] positions each sequence attends to
+    max_len: int
     block_size: int
     #: the sequences bound for the decode kernel, once a step (by: new rows written?)
     bound: dict[bool, DecodeSequences] = field(default_factory=dict)
+
+    @functools.cached_property
+    def slots(self) -> torch.Tensor:
+        """``[S, max_len]`` cache slots of each sequence's positions (padding: block 0)."""
+        return _slots(self.block_tables, self.max_len, self.block_size)
+
+    @functools.cached_property
+    def flat_slots(self) -> torch.Tensor:
+        return self.slots.flatten()
+
+    @functools.cached_property
+    def all_valid(self) -> bool:
+        """Every sequence has max_len positions (no padding)."""
+        return bool((self.lengths == self.max_len).all())
+
+    @functools.cached_property
+    def valid(self) -> torch.Tensor:
+        """``[S, max_len]`` bool: the position exists."""
+        return torch.arange(self.max_len)[None, :] < self.lengths[:, None]
+
+    @functools.cached_property
+    def key_pos(self) -> torch.Tensor:
+        """``[max_len]`` float positions (ALiBi, position biases)."""
+        return torch.arange(self.max_len).float()
 
     def bind(self, writes: bool, slots: torch.Tensor | None = None) -> DecodeSequences:
         """The step's sequences for the decode kernel; with ``writes``, the kernel also
@@ -122,11 +140,18 @@ class _Prefill:
     start: int
     end: int
     num_cached: int
-    slots: torch.Tensor | None  # every position's slot when a cached prefix is attended
     block_table: Sequence[int]
     block_size: int
     #: the chunk's queries as the decode kernel's sequences, built on first use
     kernel_sequences: DecodeSequences | None = None
+
+    @functools.cached_property
+    def slots(self) -> torch.Tensor | None:
+        """Every position's slot when a cached prefix is attended (SDPA), else None."""
+        if not self.num_cached:
+            return None
+        end = self.num_cached + self.end - self.start
+        return torch.tensor(slots_for(self.block_table, 0, end, self.block_size))
 
     def as_decodes(self) -> DecodeSequences:
         """Each query of the chunk as one sequence of the decode kernel, over the cached
@@ -144,16 +169,27 @@ class _Prefill:
 
 @dataclass
 class _Cross:
-    """Where each sequence's source keys live, for cross-attention."""
+    """Where each sequence's source keys live, for cross-attention; the slots and mask
+    that only the SDPA paths read are built on first use."""
 
-    slots: torch.Tensor  # [S, E] cache slots of each sequence's source (padding: block 0)
-    flat_slots: torch.Tensor
-    valid: torch.Tensor  # [S, E] bool: source position exists
+    tables: torch.Tensor  # [S, B] each sequence's blocks (padded with 0)
+    lengths: torch.Tensor  # [S] each sequence's source length
+    longest: int
     single_rows: list[int]  # the sequences with one query (batched together)
     rows: torch.Tensor  # their packed query index
     single_tables: torch.Tensor  # their block tables, for the decode kernel
     single_lengths: torch.Tensor  # their sources' lengths
     block_size: int
+
+    @functools.cached_property
+    def slots(self) -> torch.Tensor:
+        """``[S, E]`` cache slots of each sequence's source (padding: block 0)."""
+        return _slots(self.tables, self.longest, self.block_size)
+
+    @functools.cached_property
+    def valid(self) -> torch.Tensor:
+        """``[S, E]`` bool: the source position exists."""
+        return torch.arange(self.longest)[None, :] < self.lengths[:, None]
 
 
 @dataclass
@@ -254,59 +290,46 @@ class SdpaBackend(AttentionBackend):
         decodes = None
         if decode_ids:
             chunks = [batch.chunks[i] for i in decode_ids]
-            max_len = max(chunk.seq_len for chunk in chunks)
-            lengths = torch.tensor([chunk.seq_len for chunk in chunks])
-            tables, slots = _tables_and_slots(
-                [chunk.block_table for chunk in chunks], lengths.tolist(), batch.block_size
-            )
-            positions = torch.arange(max_len)
+            lengths_list = [chunk.seq_len for chunk in chunks]
+            lengths = torch.tensor(lengths_list)
             decodes = _Decodes(
                 rows=torch.tensor([batch.query_start[i] for i in decode_ids]),
-                slots=slots,
-                flat_slots=slots.flatten(),
-                all_valid=bool((lengths == max_len).all()),
-                valid=positions[None, :] < lengths[:, None],
-                key_pos=positions.float(),
                 query_pos=lengths - 1,
-                block_tables=tables,
+                block_tables=_block_tables(
+                    [chunk.block_table for chunk in chunks], lengths_list, batch.block_size
+                ),
                 lengths=lengths,
+                max_len=max(lengths_list),
                 block_size=batch.block_size,
             )
-        prefills = []
-        for index, chunk in enumerate(batch.chunks):
-            if chunk.num_new == 1:
-                continue
-            slots_all = None
-            if chunk.num_cached:
-                slots_all = torch.tensor(
-                    slots_for(chunk.block_table, 0, chunk.seq_len, batch.block_size)
-                )
-            prefills.append(
-                _Prefill(
-                    batch.query_start[index],
-                    batch.query_start[index + 1],
-                    chunk.num_cached,
-                    slots_all,
-                    chunk.block_table,
-                    batch.block_size,
-                )
+        prefills = [
+            _Prefill(
+                batch.query_start[index],
+                batch.query_start[index + 1],
+                chunk.num_cached,
+                chunk.block_table,
+                batch.block_size,
             )
+            for index, chunk in enumerate(batch.chunks)
+            if chunk.num_new != 1
+        ]
         return _Plan(decodes, prefills, self._prepare_cross(batch))
 
     @staticmethod
     def _prepare_cross(batch: ForwardBatch) -> _Cross | None:
         if not any(chunk.encoder_len for chunk in batch.chunks):
             return None
-        lengths = torch.tensor([chunk.encoder_len for chunk in batch.chunks])
-        tables, slots = _tables_and_slots(
-            [chunk.block_table for chunk in batch.chunks], lengths.tolist(), batch.block_size
+        lengths_list = [chunk.encoder_len for chunk in batch.chunks]
+        lengths = torch.tensor(lengths_list)
+        tables = _block_tables(
+            [chunk.block_table for chunk in batch.chunks], lengths_list, batch.block_size
         )
         single = [i for i, chunk in enumerate(batch.chunks) if chunk.num_new == 1]
         index = torch.tensor(single, dtype=torch.int64)
         return _Cross(
-            slots=slots,
-            flat_slots=slots.flatten(),
-            valid=torch.arange(slots.shape[1])[None, :] < lengths[:, None],
+            tables=tables,
+            lengths=lengths,
+            longest=max(lengths_list),
             single_rows=single,
             rows=torch.tensor([batch.query_start[i] for i in single], dtype=torch.int64),
             single_tables=tables[index],
