@@ -126,6 +126,15 @@ def test_bad_inputs_are_refused() -> None:
         PrefillSequences([0], [4], [2], [5], block_tables=tables, block_size=4)
     with pytest.raises(ValueError, match="block table is shorter"):
         PrefillSequences([0], [4], [6], [10], block_tables=tables, block_size=4)
+    with pytest.raises(ValueError, match="one start, length and position per sequence"):
+        PrefillSequences([0, 4], [4], [0], [4], kv_start=[0])
+    with pytest.raises(ValueError, match="start at 0 or later"):
+        PrefillSequences([-1], [4], [0], [4], kv_start=[0])
+    with pytest.raises(TypeError, match="int64"):
+        PrefillSequences([0], [4], [0], [4], block_tables=tables.int(), block_size=4)
+    beyond = PrefillSequences([0], [4], [0], [4], block_tables=tables + 4, block_size=4)
+    with pytest.raises(ValueError, match="past the cache"):  # blocks 4.. of a 4-block cache
+        beyond.attend(q, cache, cache, torch.empty_like(q), 1.0, causal=True)
     sequences = PrefillSequences([0], [4], [0], [4], block_tables=tables, block_size=4)
     with pytest.raises(TypeError, match="bf16"):
         sequences.attend(q.float(), cache, cache, torch.empty_like(q), 1.0, causal=True)

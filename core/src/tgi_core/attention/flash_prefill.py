@@ -17,6 +17,7 @@ import ctypes
 import functools
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -39,10 +40,11 @@ def load_kernel(march: str = "native") -> ctypes.CDLL:
     library = kernels.load_library("flash_prefill.cpp", march)
     int64, pointer = ctypes.c_int64, ctypes.c_void_p
     function = library.tgi_flash_prefill_bf16
-    function.argtypes = [pointer, int64] * 3 + [pointer, int64] + [pointer] * 5
-    function.argtypes += (
-        [pointer] + [int64] * 5 + [ctypes.c_float, ctypes.c_int, pointer, int64, int64]
-    )
+    # q, strides, k, v, out, S; q_start, q_len, q_pos, kv_len, kv_start, tables; the
+    # sizes; scale, causal; the bias, its stride and offset
+    argtypes: list[Any] = [pointer, int64] * 3 + [pointer, int64] + [pointer] * 6
+    argtypes += [int64] * 5 + [ctypes.c_float, ctypes.c_int, pointer, int64, int64]
+    function.argtypes = argtypes
     function.restype = ctypes.c_int
     library.tgi_flash_prefill_supported.restype = ctypes.c_int
     return library
@@ -104,6 +106,11 @@ class PrefillSequences:
         assert (block_tables is None) != (kv_start is None), "tables or packed rows"
         self._function = library.tgi_flash_prefill_bf16
         self.num_seqs = len(q_start)
+        counts = {len(q_len), len(q_pos), len(kv_len), len(kv_start or q_start)}
+        if counts != {self.num_seqs}:
+            raise ValueError("flash_prefill: one start, length and position per sequence")
+        if min([*q_start, *(kv_start or ())], default=0) < 0:
+            raise ValueError("flash_prefill: rows start at 0 or later")
         if any(n < 1 for n in q_len) or any(
             p < 0 or p + n > kv for p, n, kv in zip(q_pos, q_len, kv_len, strict=True)
         ):
@@ -116,11 +123,19 @@ class PrefillSequences:
         self.longest = max([*q_len, *kv_len], default=1)
         self._kv_start = None if kv_start is None else torch.tensor(kv_start, dtype=torch.int64)
         self._tables = None if block_tables is None else block_tables.contiguous()
+        self._blocks_read = 0  # blocks a cache must have for the tables' entries
         if self._tables is not None:
-            assert self._tables.dtype == torch.int64 and self._tables.shape[0] == self.num_seqs
+            if self._tables.dtype != torch.int64 or self._tables.dim() != 2:
+                raise TypeError("flash_prefill: block tables must be int64 [S, max_blocks]")
+            if self._tables.shape[0] != self.num_seqs:
+                raise ValueError("flash_prefill: one block table per sequence")
             widths = -(-self._kv_len // block_size)
             if self.num_seqs and int(widths.max()) > self._tables.shape[1]:
                 raise ValueError("flash_prefill: a block table is shorter than its keys")
+            if self._tables.numel():
+                if int(self._tables.min()) < 0:
+                    raise ValueError("flash_prefill: a block table holds a negative block")
+                self._blocks_read = int(self._tables.max()) + 1
         self._block_size = block_size
 
     def attend(
@@ -160,13 +175,17 @@ class PrefillSequences:
         if bias is not None:
             table, offset = bias
             needed = offset + self.longest + _BIAS_MARGIN
-            if table.dtype != torch.float32 or table.shape[0] != heads or offset < self.longest - 1:
+            if table.dtype != torch.float32 or table.dim() != 2 or table.shape[0] != heads:
+                raise ValueError("flash_prefill: the bias table must be float32 [heads, W]")
+            if offset < self.longest - 1:
                 raise ValueError("flash_prefill: the bias table does not cover the sequences")
             if not table.is_contiguous() or table.shape[1] < needed:
                 raise ValueError("flash_prefill: the bias table does not cover the sequences")
             bias_args = (table.data_ptr(), table.shape[1], offset)
-        if self._tables is None and int((self._kv_start + self._kv_len).max()) > keys.shape[0]:
+        if self._kv_start is not None and int((self._kv_start + self._kv_len).max()) > len(keys):
             raise ValueError("flash_prefill: packed keys are shorter than the sequences")
+        if self._blocks_read * self._block_size > keys.shape[0]:
+            raise ValueError("flash_prefill: a block table points past the cache")
         tables = None if self._tables is None else self._tables.data_ptr()
         status = self._function(
             q.data_ptr(), q.stride(0), keys.data_ptr(), keys.stride(0),
@@ -177,6 +196,8 @@ class PrefillSequences:
             0 if self._tables is None else self._tables.shape[1], self._block_size,
             heads, kv_heads, head_dim, scale, int(causal), *bias_args,
         )  # fmt: skip
+        if status == -2:
+            raise MemoryError("flash_prefill: no memory for the kernel's buffers")
         if status:
             raise ValueError(f"flash_prefill: heads of {head_dim} are not supported")
         return out

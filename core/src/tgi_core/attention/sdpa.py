@@ -544,10 +544,10 @@ class SdpaBackend(AttentionBackend):
             sources = self._encoder_sources(starts, plan)
             bias = None
             if layer.position_bias is not None:
-                key = ("encoder kernel", id(layer.position_bias))
-                if key not in plan.memo:
-                    plan.memo[key] = relative_bias_table(layer.position_bias, sources.longest)
-                bias = plan.memo[key]
+                table_key = ("encoder kernel", id(layer.position_bias))
+                if table_key not in plan.memo:
+                    plan.memo[table_key] = relative_bias_table(layer.position_bias, sources.longest)
+                bias = plan.memo[table_key]
             sources.attend(
                 q.to(dtype), k.to(dtype), v.to(dtype), out, layer.scale, causal=False, bias=bias
             )

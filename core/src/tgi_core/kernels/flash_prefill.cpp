@@ -18,8 +18,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <stdlib.h>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <vector>
 
 #include <omp.h>
@@ -215,7 +217,7 @@ template <int64_t D>
 void attend_item(const uint16_t* q, int64_t q_stride, const Rows& rows, const uint32_t* values,
                  uint16_t* out, int64_t H, int64_t Hkv, int64_t kv, Item item, float scale,
                  const float* bias, int64_t bias_stride, int64_t bias_offset,
-                 std::vector<HeadState<D>>& states) {
+                 HeadState<D>* states) {
   const int64_t G = H / Hkv;
   for (int64_t g = 0; g < G; ++g) {
     HeadState<D>& st = states[g];
@@ -267,27 +269,39 @@ void attend_item(const uint16_t* q, int64_t q_stride, const Rows& rows, const ui
   }
 }
 
+// Returns 0, or -2 when its buffers cannot be allocated (nothing written).
 template <int64_t D>
-void prefill(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_stride,
-             const uint16_t* v, int64_t v_stride, uint16_t* out, int64_t S,
-             const int64_t* q_start, const int64_t* q_len, const int64_t* q_pos,
-             const int64_t* kv_len,
-             const int64_t* kv_start, const int64_t* tables, int64_t max_blocks,
-             int64_t block_size, int64_t H, int64_t Hkv, float scale, int causal,
-             const float* bias, int64_t bias_stride, int64_t bias_offset) {
+int prefill(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_stride,
+            const uint16_t* v, int64_t v_stride, uint16_t* out, int64_t S,
+            const int64_t* q_start, const int64_t* q_len, const int64_t* q_pos,
+            const int64_t* kv_len, const int64_t* kv_start, const int64_t* tables,
+            int64_t max_blocks, int64_t block_size, int64_t H, int64_t Hkv, float scale,
+            int causal, const float* bias, int64_t bias_stride, int64_t bias_offset) {
   auto rows_of = [&](int64_t s) {
     return Rows{k, v, k_stride, v_stride, tables ? tables + s * max_blocks : nullptr,
                 block_size, kv_start ? kv_start[s] : 0};
   };
-  // each sequence's interleaved values, per key/value head: [s][kv][pairs][D]
-  std::vector<int64_t> value_at(S + 1, 0);
-  for (int64_t s = 0; s < S; ++s) value_at[s + 1] = value_at[s] + (kv_len[s] + kTile) / 2 * D * Hkv;
-  std::unique_ptr<uint32_t[]> values(new uint32_t[value_at[S]]);  // all written before read
-  std::vector<int64_t> items;  // (s, kv, first) flattened, the longest first
-  for (int64_t s = 0; s < S; ++s)
-    for (int64_t first = (q_len[s] - 1) / kLanes * kLanes; first >= 0;
-         first -= kLanes)
-      for (int64_t kv = 0; kv < Hkv; ++kv) items.insert(items.end(), {s, kv, first});
+  // each sequence's interleaved values, per key/value head: [s][kv][pairs][D]; the work
+  // items (s, kv, first query) flattened, each sequence's longest first
+  std::vector<int64_t> value_at, items;
+  std::unique_ptr<uint32_t[]> values;
+  try {  // an exception must not cross the C boundary (or an OpenMP region)
+    value_at.assign(S + 1, 0);
+    for (int64_t s = 0; s < S; ++s) value_at[s + 1] = value_at[s] + (kv_len[s] + kTile) / 2 * D * Hkv;
+    values.reset(new uint32_t[value_at[S]]);  // all written before read
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t first = (q_len[s] - 1) / kLanes * kLanes; first >= 0; first -= kLanes)
+        for (int64_t kv = 0; kv < Hkv; ++kv) items.insert(items.end(), {s, kv, first});
+  } catch (const std::bad_alloc&) {
+    return -2;
+  }
+  // per thread, the running state of a group's heads: allocated aligned here (a
+  // std::vector honours HeadState's 64-byte alignment only with C++17's aligned new)
+  const int64_t G = H / Hkv, threads = omp_get_max_threads();
+  void* memory = aligned_alloc(64, sizeof(HeadState<D>) * G * threads);  // C11 (stdlib.h)
+  if (memory == nullptr) return -2;
+  std::unique_ptr<void, decltype(&free)> held(memory, &free);
+  HeadState<D>* all_states = static_cast<HeadState<D>*>(memory);
   const int64_t num_items = static_cast<int64_t>(items.size()) / 3;
 #pragma omp parallel
   {
@@ -297,7 +311,7 @@ void prefill(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_s
       const int64_t per_head = (kv_len[s] + kTile) / 2 * D;
       interleave_values<D>(rows_of(s), kv_len[s], kv * D, values.get() + value_at[s] + kv * per_head);
     }
-    std::vector<HeadState<D>> states(H / Hkv);
+    HeadState<D>* states = all_states + omp_get_thread_num() * G;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < num_items; ++task) {
       const int64_t s = items[3 * task], kv = items[3 * task + 1], first = items[3 * task + 2];
@@ -310,6 +324,7 @@ void prefill(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_s
                      Hkv, kv, item, scale, bias, bias_stride, bias_offset, states);
     }
   }
+  return 0;
 }
 
 }  // namespace
@@ -325,7 +340,8 @@ extern "C" int tgi_flash_prefill_supported() { return 1; }
 // position - key position)], added to the scaled scores; it must cover the differences
 // from -(kv_len - 1) to q_pos + q_len + 14. out [rows][H][D] bf16: the sequences' rows
 // written (as q's), the others untouched.
-// Returns 0, or -1 for a head size it does not take (16, 32, 64, 80, 96, 128, 256).
+// Returns 0; -1 for a head size it does not take (16, 32, 64, 80, 96, 128, 256); -2 when
+// its buffers cannot be allocated.
 extern "C" int tgi_flash_prefill_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k,
                                       int64_t k_stride, const uint16_t* v, int64_t v_stride,
                                       uint16_t* out, int64_t S, const int64_t* q_start,
@@ -341,13 +357,13 @@ extern "C" int tgi_flash_prefill_bf16(const uint16_t* q, int64_t q_stride, const
                 kv_start, tables, max_blocks, block_size, H, Hkv, scale, causal, bias,     \
                 bias_stride, bias_offset)
   switch (D) {
-    case 16: TGI_PREFILL(16); return 0;
-    case 32: TGI_PREFILL(32); return 0;
-    case 64: TGI_PREFILL(64); return 0;
-    case 80: TGI_PREFILL(80); return 0;
-    case 96: TGI_PREFILL(96); return 0;
-    case 128: TGI_PREFILL(128); return 0;
-    case 256: TGI_PREFILL(256); return 0;
+    case 16: return TGI_PREFILL(16);
+    case 32: return TGI_PREFILL(32);
+    case 64: return TGI_PREFILL(64);
+    case 80: return TGI_PREFILL(80);
+    case 96: return TGI_PREFILL(96);
+    case 128: return TGI_PREFILL(128);
+    case 256: return TGI_PREFILL(256);
     default: return -1;
   }
 #undef TGI_PREFILL

@@ -67,7 +67,7 @@ inline void multiply(const bf16* x, int64_t K, const bf16* w, int64_t tile_strid
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  const int64_t pairs = K / 2, per_pair = (ahead.count + pairs - 1) / pairs;
+  const int64_t pairs = K / 2, per_pair = pairs ? (ahead.count + pairs - 1) / pairs : 0;
   for (int64_t p = 0; p < pairs; ++p) {
     for (int64_t i = p * per_pair; i < (p + 1) * per_pair && i < ahead.count; ++i)
       _mm_prefetch(ahead.lines + 64 * i, _MM_HINT_T1);
