@@ -142,8 +142,6 @@ class _Prefill:
     num_cached: int
     block_table: Sequence[int]
     block_size: int
-    #: the chunk's queries as the decode kernel's sequences, built on first use
-    kernel_sequences: DecodeSequences | None = None
 
     @functools.cached_property
     def slots(self) -> torch.Tensor | None:
@@ -153,18 +151,15 @@ class _Prefill:
         end = self.num_cached + self.end - self.start
         return torch.tensor(slots_for(self.block_table, 0, end, self.block_size))
 
+    @functools.cached_property
     def as_decodes(self) -> DecodeSequences:
         """Each query of the chunk as one sequence of the decode kernel, over the cached
         positions up to its own (the chunk's keys are in the cache by then)."""
-        if self.kernel_sequences is None:
-            n = self.end - self.start
-            used = -(-(self.num_cached + n) // self.block_size)
-            table = torch.tensor(list(self.block_table[:used]), dtype=torch.int64)
-            lengths = torch.arange(self.num_cached + 1, self.num_cached + n + 1)
-            self.kernel_sequences = DecodeSequences(
-                table.expand(n, used).contiguous(), lengths, self.block_size
-            )
-        return self.kernel_sequences
+        n = self.end - self.start
+        used = -(-(self.num_cached + n) // self.block_size)
+        table = torch.tensor(list(self.block_table[:used]), dtype=torch.int64)
+        lengths = torch.arange(self.num_cached + 1, self.num_cached + n + 1)
+        return DecodeSequences(table.expand(n, used).contiguous(), lengths, self.block_size)
 
 
 @dataclass
@@ -199,28 +194,36 @@ class _Plan:
     cross: _Cross | None = None
     #: per-step tensors every layer shares (position biases), built on first use
     memo: dict[Any, Any] = field(default_factory=dict)
+    _sources: PrefillSequences | None = None
 
     @property
     def decode_only(self) -> bool:
         return self.decodes is not None and not self.prefills
 
+    @functools.cached_property
     def prefill_sequences(self) -> PrefillSequences:
         """The step's prefills bound for the prefill kernel (their keys in the cache),
         once for every layer."""
-        if "prefill kernel" not in self.memo:
-            lengths = [p.num_cached + p.end - p.start for p in self.prefills]
-            self.memo["prefill kernel"] = PrefillSequences(
-                [p.start for p in self.prefills],
-                [p.end - p.start for p in self.prefills],
-                [p.num_cached for p in self.prefills],
-                lengths,
-                block_tables=_block_tables(
-                    [p.block_table for p in self.prefills], lengths, self.prefills[0].block_size
-                ),
-                block_size=self.prefills[0].block_size,
+        lengths = [p.num_cached + p.end - p.start for p in self.prefills]
+        block_size = self.prefills[0].block_size
+        return PrefillSequences(
+            [p.start for p in self.prefills],
+            [p.end - p.start for p in self.prefills],
+            [p.num_cached for p in self.prefills],
+            lengths,
+            block_tables=_block_tables([p.block_table for p in self.prefills], lengths, block_size),
+            block_size=block_size,
+        )
+
+    def encoder_sources(self, starts: Sequence[int]) -> PrefillSequences:
+        """The step's sources (packed rows from ``starts``) as the prefill kernel's
+        sequences, once for every encoder layer."""
+        if self._sources is None:
+            lengths = [end - start for start, end in itertools.pairwise(starts)]
+            self._sources = PrefillSequences(
+                starts[:-1], lengths, [0] * len(lengths), lengths, kv_start=starts[:-1]
             )
-        sequences: PrefillSequences = self.memo["prefill kernel"]
-        return sequences
+        return self._sources
 
 
 class SdpaBackend(AttentionBackend):
@@ -387,14 +390,14 @@ class SdpaBackend(AttentionBackend):
             and self._kernel_applies(layer, keys.dtype)
         )
         if kernel and flash_prefill_available(layer.head_dim):  # every prefill in one call
-            plan.prefill_sequences().attend(
+            plan.prefill_sequences.attend(
                 q.to(keys.dtype), keys, values, out, layer.scale, causal=True
             )
             return out.to(q.dtype).flatten(1)
         for p in plan.prefills:
             if kernel:  # each query over its causal prefix, in place from the cache
                 query = q[p.start : p.end].to(keys.dtype)
-                out[p.start : p.end] = p.as_decodes().attend(query, keys, values, layer.scale)
+                out[p.start : p.end] = p.as_decodes.attend(query, keys, values, layer.scale)
                 continue
             query = q[p.start : p.end].to(dtype).transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             if p.slots is None:
@@ -541,7 +544,7 @@ class SdpaBackend(AttentionBackend):
         dtype = self._compute_dtype(layer, batch.kv_cache.dtype)
         out = torch.empty(q.shape[0], layer.num_heads, layer.head_dim, dtype=dtype)
         if self._encoder_kernel_applies(layer, dtype):
-            sources = self._encoder_sources(starts, plan)
+            sources = plan.encoder_sources(starts)
             bias = None
             if layer.position_bias is not None:
                 table_key = ("encoder kernel", id(layer.position_bias))
@@ -580,17 +583,6 @@ class SdpaBackend(AttentionBackend):
             and not _has_amx()
             and flash_prefill_available(layer.head_dim)
         )
-
-    @staticmethod
-    def _encoder_sources(starts: Sequence[int], plan: _Plan) -> PrefillSequences:
-        """The step's sources as the prefill kernel's sequences (packed rows), once."""
-        if "encoder kernel" not in plan.memo:
-            lengths = [end - start for start, end in itertools.pairwise(starts)]
-            plan.memo["encoder kernel"] = PrefillSequences(
-                starts[:-1], lengths, [0] * len(lengths), lengths, kv_start=starts[:-1]
-            )
-        sources: PrefillSequences = plan.memo["encoder kernel"]
-        return sources
 
     def _cross(self, layer: Attention, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Each sequence's queries over its source's keys and values, from the cache."""
