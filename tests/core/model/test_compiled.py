@@ -20,6 +20,7 @@ from tgi_core.config import load_config
 from tgi_core.engine.async_engine import AsyncEngine
 from tgi_core.engine.requests import GenerateRequest, StoppingParams
 from tgi_core.errors import ConfigError, TGIError
+from tgi_core.model.compiled import frozen_module_guards
 from tgi_core.model.fixtures import (
     build_engine,
     compare_with_transformers,
@@ -133,6 +134,36 @@ def test_a_compiled_step_computes_the_rotary_angles_once(llama: Path) -> None:
         steps = sum(1 for _ in range(3) if engine.step())
     calls = [e.count for e in profile.key_averages() if e.key == "tgi::rotary_cos_sin"]
     assert steps == 3 and calls == [3]
+
+
+def _compile_with_filter(function, recording=None):  # type: ignore[no-untyped-def]
+    return torch.compile(
+        function, backend="eager", options={"guard_filter_fn": recording or frozen_module_guards}
+    )
+
+
+def test_compiled_forward_drops_the_static_guards_of_modules() -> None:
+    """``frozen_module_guards`` on a real compile: guards on a module's parameters and
+    attribute values are dropped, the input's tensor guard kept."""
+    seen: list[tuple[str, bool]] = []
+
+    def recording(entries: list) -> list[bool]:
+        keep = frozen_module_guards(entries)
+        seen.extend((entry.name, kept) for entry, kept in zip(entries, keep, strict=True))
+        return keep
+
+    layer = torch.nn.Linear(4, 4)
+    layer.scale = 2.0
+    compiled = _compile_with_filter(lambda x: layer(x) * layer.scale, recording)
+    x = torch.ones(2, 4)
+    assert torch.equal(compiled(x), layer(x) * 2.0)
+    kept = {name for name, keep in seen if keep}
+    dropped = {name for name, keep in seen if not keep}
+    assert any("_parameters['weight']" in name for name in dropped)
+    assert any(name.endswith(".scale") for name in dropped)
+    assert "x" in kept  # the input's tensor guard
+    # the length guard of a list a forward hook appends to stays (dynamo replays the
+    # append from what it traced): tests/plugins/models/t5 counts encoder calls so
 
 
 @pytest.mark.slow

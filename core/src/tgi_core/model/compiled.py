@@ -14,15 +14,20 @@ A step at one or a few sequences is short (~10 ms on the SmolLM shape), so what 
 compiled call costs around the kernels counts: inductor's size and stride asserts on
 every buffer (~450 a step, ~0.4 ms) are turned off. Each :func:`compile_forward` keeps
 its own compiled entries (``isolate_recompiles``), so the models of one process do not
-share dynamo's recompile limit. dynamo's guards on the model's modules stay: skipping
-them saved another ~0.5 ms a step, but a forward hook registered after the first
-compile then no longer runs.
+share dynamo's recompile limit.
+
+The model's modules are frozen once compiled (:func:`frozen_module_guards`): dynamo's
+~4,000 guards on their attributes' types and values, their parameters' metadata and their
+empty hook dicts cost ~0.6-1 ms a call on the SmolLM shape, and are dropped. Replace a
+module's attributes or parameters, or register hooks (which dynamo does not guard
+anyway), before :func:`compile_forward`, not after. The step's inputs, the globals, and
+the Python containers a forward mutates keep their guards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -35,6 +40,38 @@ if TYPE_CHECKING:
     from tgi_core.attention.batch import ForwardBatch
 
 ModelForward = Callable[[torch.Tensor, torch.Tensor, "ForwardBatch"], torch.Tensor]
+
+# Guards on a module's state that a serving model never changes once compiled (its
+# attributes' types and values, parameters' metadata, which attributes exist, its hook
+# dicts): dropped. Others on module state stay, among them the length and contents
+# guards of Python containers that the forward mutates, which dynamo replays from what
+# it traced (a hook that appends to a list: each call recompiles, as without a filter).
+_STATIC_MODULE_GUARDS = frozenset(
+    {
+        "CONSTANT_MATCH",
+        "DUPLICATE_INPUT",
+        "EMPTY_NN_MODULE_HOOKS_DICT",
+        "EQUALS_MATCH",
+        "FALSE_MATCH",
+        "ID_MATCH",
+        "NONE_MATCH",
+        "NOT_PRESENT_IN_GENERIC_DICT",
+        "TENSOR_MATCH",
+        "TRUE_MATCH",
+        "TYPE_MATCH",
+    }
+)
+
+
+def frozen_module_guards(entries: Sequence[Any]) -> list[bool]:
+    """dynamo's ``guard_filter_fn``: which guards to keep. The guards of
+    ``_STATIC_MODULE_GUARDS``' kinds on the state of an ``nn.Module`` are dropped; guards
+    on the inputs, globals and grad mode, and the other kinds on modules, are kept."""
+    return [
+        entry.guard_type not in _STATIC_MODULE_GUARDS
+        or not entry.orig_guard.source.is_unspecialized_nn_module()
+        for entry in entries
+    ]
 
 
 def compile_forward(model: nn.Module) -> ModelForward:
@@ -50,7 +87,7 @@ def compile_forward(model: nn.Module) -> ModelForward:
         model.forward,
         dynamic=True,
         isolate_recompiles=True,
-        options={"size_asserts": False},
+        options={"size_asserts": False, "guard_filter_fn": frozen_module_guards},
     )
 
     def forward(
