@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tgi_core.model.layers import amx_gemm
+
 _layers: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
 _keys = itertools.count()
 _step = threading.local()
@@ -112,8 +114,6 @@ torch.library.register_fake("tgi::rotary_cos_sin", _rotary_cos_sin_fake)
 def _amx_linear_impl(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
 ) -> torch.Tensor:
-    from tgi_core.model.layers import amx_gemm  # amx_gemm -> kernels; no cycle at import
-
     return amx_gemm.linear(x, packed, bias, out_features)
 
 
@@ -124,8 +124,6 @@ def _amx_linear_int8_impl(
     bias: torch.Tensor | None,
     out_features: int,
 ) -> torch.Tensor:
-    from tgi_core.model.layers import amx_gemm
-
     return amx_gemm.linear_int8(x, packed, scales, bias, out_features)
 
 
