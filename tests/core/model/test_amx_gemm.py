@@ -85,8 +85,8 @@ def test_kernel_matches_a_float_matmul(m: int, n: int, k: int, with_bias: bool) 
 
 
 @needs_amx
-@pytest.mark.parametrize("m", [1, 16, 17, 70, 300])
-@pytest.mark.parametrize("n,k", [(40, 96), (200, 576)])
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 17, 70, 300])
+@pytest.mark.parametrize("n,k", [(40, 96), (200, 576), (600, 64)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_int8_kernel_matches_a_float_matmul(m: int, n: int, k: int, with_bias: bool) -> None:
     """int8 weights widened to bf16 in the kernel (exact), scaled per output at the end;
@@ -193,7 +193,7 @@ needs_vector_isa = pytest.mark.skipif(
 
 @needs_vector_isa
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 9, 40])
 def test_the_vector_kernel_matches_on_any_avx512_bf16_cpu(m: int, dtype: torch.dtype) -> None:
     """The AVX-512 library called directly (on an AMX CPU too, where ``linear`` takes the
     AMX one): float32 accumulation, one rounding; each row as alone in a call."""
