@@ -8,6 +8,10 @@ flags and the CPU's features, and loads it with ctypes after torch: it shares to
 OpenMP runtime, so its parallel regions use the calling thread's
 ``torch.set_num_threads``, and ctypes releases the GIL around each call.
 
+:func:`load_torch_library` builds the one file that includes torch's headers
+(``gemm_ops.cpp``: custom-op kernels of the dispatcher) against the installed torch, in
+a few seconds more.
+
 Callers treat a failed build as "kernel unavailable" and keep a PyTorch path.
 """
 
@@ -47,8 +51,15 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def _build(source_name: str, source: str, target: Path, flags: tuple[str, ...]) -> None:
-    """Compile ``source`` (its ``#include "..."`` headers found in this package)."""
+def _build(
+    source_name: str,
+    source: str,
+    target: Path,
+    flags: tuple[str, ...],
+    libraries: tuple[str, ...] = (),
+) -> None:
+    """Compile ``source`` (its ``#include "..."`` headers found in this package), linked
+    with ``libraries`` (flags that follow the source)."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         raise RuntimeError("no C++ compiler ($CXX, c++ or g++)")
@@ -57,7 +68,15 @@ def _build(source_name: str, source: str, target: Path, flags: tuple[str, ...]) 
         cpp, built = Path(scratch) / source_name, Path(scratch) / target.name
         cpp.write_text(source)
         result = subprocess.run(
-            [compiler, *flags, f"-I{Path(__file__).parent}", str(cpp), "-o", str(built)],
+            [
+                compiler,
+                *flags,
+                f"-I{Path(__file__).parent}",
+                str(cpp),
+                "-o",
+                str(built),
+                *libraries,
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -65,6 +84,10 @@ def _build(source_name: str, source: str, target: Path, flags: tuple[str, ...]) 
         if result.returncode:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
         os.replace(built, target)  # atomic: processes building at once agree
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("TGI_KERNEL_CACHE") or Path.home() / ".cache/tgi/kernels")
 
 
 def load_library(source_name: str, march: str = "native") -> ctypes.CDLL:
@@ -78,8 +101,43 @@ def load_library(source_name: str, march: str = "native") -> ctypes.CDLL:
     flags = (*FLAGS, f"-march={march}")
     features = " ".join(sorted(cpu_flags())) if march == "native" else ""
     key = hashlib.sha256("\n".join([source, *headers, *flags, features]).encode()).hexdigest()
-    cache = Path(os.environ.get("TGI_KERNEL_CACHE") or Path.home() / ".cache/tgi/kernels")
-    target = cache / f"{Path(source_name).stem}-{key[:16]}.so"
+    target = _cache_dir() / f"{Path(source_name).stem}-{key[:16]}.so"
     if not target.exists():
         _build(source_name, source, target, flags)
+    return ctypes.CDLL(str(target))
+
+
+def load_torch_library(source_name: str) -> ctypes.CDLL:
+    """The library built from ``source_name`` against the installed torch (its headers,
+    ``libc10`` and ``libtorch_cpu``, its C++ ABI), from the per-user cache (keyed by the
+    source and torch's version and path) or built now; loading it runs its
+    ``TORCH_LIBRARY_IMPL`` registrations. Raises ``RuntimeError`` or ``OSError`` when it
+    cannot be built or loaded."""
+    import torch  # this package's C-ABI libraries do not need it
+    from torch.utils import cpp_extension
+
+    folder = Path(__file__).parent
+    source = (folder / source_name).read_text()
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    flags = (
+        "-O2",
+        "-std=c++17",
+        "-shared",
+        "-fPIC",
+        "-w",  # torch's headers warn under -std=c++17
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *(f"-I{path}" for path in cpp_extension.include_paths()),
+    )
+    lib_dirs = cpp_extension.library_paths()
+    libraries = (
+        *(f"-L{path}" for path in lib_dirs),
+        *(f"-Wl,-rpath,{path}" for path in lib_dirs),
+        "-lc10",
+        "-ltorch_cpu",
+    )
+    stamp = "\n".join([source, *flags, *libraries, torch.__version__, torch.__file__])
+    key = hashlib.sha256(stamp.encode()).hexdigest()
+    target = _cache_dir() / f"{Path(source_name).stem}-{key[:16]}.so"
+    if not target.exists():
+        _build(source_name, source, target, flags, libraries)
     return ctypes.CDLL(str(target))

@@ -17,6 +17,11 @@ rows padded with zeros to a multiple of 32, and cut into the 1 KB blocks (32 inp
 output features) that one AMX multiply reads; for one tile of 16 outputs, each pair of
 inputs is one AVX-512 vector. Its five dimensions tell it apart from an unpacked or
 oneDNN-packed weight; the number of output features travels separately.
+
+The custom ops a compiled graph calls (``tgi::amx_linear``, ``tgi::amx_linear_int8``,
+``layers/opaque.py``) get C++ kernels of the dispatcher (``kernels/gemm_ops.cpp``, built
+against the installed torch and bound to the kernel chosen here), which skip the Python
+around each call; ``TGI_CPU_GEMM_OPS=0``, or a failed build, keeps the Python ones.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ log = get_logger("tgi_core.model")
 
 #: Set to ``0`` to use oneDNN for packed bf16 weights instead (comparisons, debugging).
 ENV_SWITCH = "TGI_CPU_AMX_GEMM"
+#: Set to ``0`` to keep the custom ops' Python implementations (comparisons, debugging).
+OPS_SWITCH = "TGI_CPU_GEMM_OPS"
 #: input features per AMX step (the kernel's K granularity) and output features per block
 K_STEP, N_BLOCK = 32, 32
 _AMX_FLAGS = frozenset({"amx_bf16", "amx_tile", "avx512_bf16", "avx512vbmi"})
@@ -82,6 +89,31 @@ class _Kernel:
 
 @functools.cache
 def _library() -> _Kernel | None:
+    kernel = _load_kernel()
+    if kernel is not None:
+        bind_native_ops(kernel)
+    return kernel
+
+
+def bind_native_ops(kernel: _Kernel) -> bool:
+    """Register the C++ kernels of ``tgi::amx_linear`` / ``tgi::amx_linear_int8`` on
+    ``kernel``'s entry points (once a process; later calls rebind); False, with the Python
+    implementations kept, when switched off or the library cannot be built."""
+    if os.environ.get(OPS_SWITCH, "1") == "0":
+        return False
+    try:
+        library = kernels.load_torch_library("gemm_ops.cpp")
+    except (OSError, RuntimeError) as exc:
+        log.warning("C++ GEMM ops unavailable; their Python implementations run", error=str(exc))
+        return False
+    address = [ctypes.cast(f, ctypes.c_void_p).value for f in (kernel.bf16, kernel.int8)]
+    library.tgi_gemm_ops_bind.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    library.tgi_gemm_ops_bind.restype = None
+    library.tgi_gemm_ops_bind(*address)
+    return True
+
+
+def _load_kernel() -> _Kernel | None:
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
     flags = kernels.cpu_flags()
