@@ -98,7 +98,7 @@ paths, each falling back by itself where the CPU or the machine cannot run it):
 | env | default | effect |
 |---|---|---|
 | `TGI_CPU_AMX_GEMM` | `1` | `0`: neither AMX nor AVX-512 GEMM kernel (oneDNN, torch int8) |
-| `TGI_CPU_GEMM_OPS` | `1` | `0`: a compiled graph's GEMM ops run their Python implementations, not the C++ ones |
+| `TGI_CPU_GEMM_OPS` | `1` | `0`: compiled GEMM ops run in Python, not the C++ kernels |
 | `TGI_CPU_PACKED_GEMM` | `1` | `0`: bf16 linear layers use plain `F.linear`, no packed weights |
 | `TGI_CPU_DECODE_KERNEL` | `1` | `0`: decode attention by gather + SDPA, not the paged kernel |
 | `TGI_CPU_AMX_DECODE` | `1` | `0`: decode kernel scores by AVX-512 dot products, not AMX tiles |
