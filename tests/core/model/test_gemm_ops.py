@@ -73,6 +73,16 @@ def test_bad_inputs_are_refused() -> None:
         )
     with pytest.raises(RuntimeError, match="out_features"):
         torch.ops.tgi.amx_linear(torch.randn(2, 64).bfloat16(), packed, None, 65)
+    with pytest.raises(RuntimeError, match="bias or scales vector of 39 values"):
+        torch.ops.tgi.amx_linear(torch.randn(2, 64).bfloat16(), packed, torch.zeros(39), 40)
+    int8 = amx_gemm.pack(torch.randint(-127, 128, (40, 64), dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="bias or scales vector of 20 values"):
+        torch.ops.tgi.amx_linear_int8(torch.randn(2, 64).bfloat16(), int8, torch.ones(20), None, 40)
+    with pytest.raises(ValueError, match="shorter than 40"):  # the Python path too
+        amx_gemm.linear(torch.randn(2, 64).bfloat16(), packed, torch.zeros(39), 40)
+    with pytest.raises(RuntimeError, match="not packed"):
+        reshaped = packed.view(4, 2, 32, 8, 2)
+        torch.ops.tgi.amx_linear(torch.randn(2, 64).bfloat16(), reshaped, None, 40)
 
 
 def test_switched_off_the_python_implementations_stay(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,10 +31,13 @@ const uint16_t* bits(const at::Tensor& tensor) {
   return reinterpret_cast<const uint16_t*>(tensor.const_data_ptr());
 }
 
-// A per-output vector (scales, bias) as contiguous bf16, converted only when it is not
-std::optional<at::Tensor> as_bf16(const std::optional<at::Tensor>& vector) {
-  if (!vector.has_value() || (vector->scalar_type() == at::kBFloat16 && vector->is_contiguous()))
-    return vector;
+// A per-output vector (scales, bias) of at least out_features values as contiguous bf16,
+// converted only when it is not
+std::optional<at::Tensor> as_bf16(const std::optional<at::Tensor>& vector, int64_t out_features) {
+  if (!vector.has_value()) return vector;
+  TORCH_CHECK(vector->numel() >= out_features, "amx_gemm: a bias or scales vector of ",
+              vector->numel(), " values for ", out_features, " outputs");
+  if (vector->scalar_type() == at::kBFloat16 && vector->is_contiguous()) return vector;
   return vector->to(at::kBFloat16).contiguous();
 }
 
@@ -44,7 +47,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_fea
                   Call call) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "amx_gemm: x is ", x.scalar_type(),
               ", not bfloat16");
-  TORCH_CHECK(packed.dim() == 5 && packed.is_contiguous(), "amx_gemm: the weight is not packed");
+  TORCH_CHECK(packed.dim() == 5 && packed.is_contiguous() && packed.size(2) == 16 &&
+                  packed.size(3) == 16 && packed.size(4) == 2,
+              "amx_gemm: the weight is not packed");
   const int64_t K = packed.size(1) * kStep;
   TORCH_CHECK(x.size(-1) == K, "amx_gemm: x has ", x.size(-1), " features, the weight ", K);
   TORCH_CHECK(out_features > 0 && out_features <= packed.size(0) * 16,
@@ -65,7 +70,7 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed,
   TORCH_CHECK(g_bf16 != nullptr, "amx_gemm: no kernel bound (tgi_gemm_ops_bind)");
   TORCH_CHECK(packed.scalar_type() == at::kBFloat16, "amx_gemm.linear: the weight is ",
               packed.scalar_type(), ", not bfloat16");
-  const std::optional<at::Tensor> b = as_bf16(bias);
+  const std::optional<at::Tensor> b = as_bf16(bias, out_features);
   return linear(x, packed, out_features, [&](const uint16_t* rows, int64_t M, int64_t K, uint16_t* y) {
     g_bf16(rows, M, K, bits(packed), out_features, b ? bits(*b) : nullptr, y);
   });
@@ -77,8 +82,8 @@ at::Tensor amx_linear_int8(const at::Tensor& x, const at::Tensor& packed,
   TORCH_CHECK(g_int8 != nullptr, "amx_gemm: no kernel bound (tgi_gemm_ops_bind)");
   TORCH_CHECK(packed.scalar_type() == at::kChar, "amx_gemm.linear_int8: the weight is ",
               packed.scalar_type(), ", not int8");
-  TORCH_CHECK(scales.numel() >= out_features, "amx_gemm.linear_int8: too few scales");
-  const std::optional<at::Tensor> s = as_bf16(scales), b = as_bf16(bias);
+  const std::optional<at::Tensor> s = as_bf16(scales, out_features);
+  const std::optional<at::Tensor> b = as_bf16(bias, out_features);
   return linear(x, packed, out_features, [&](const uint16_t* rows, int64_t M, int64_t K, uint16_t* y) {
     g_int8(rows, M, K, packed.const_data_ptr<int8_t>(), out_features, bits(*s),
            b ? bits(*b) : nullptr, y);
