@@ -97,8 +97,9 @@ def _library() -> _Kernel | None:
 
 def bind_native_ops(kernel: _Kernel) -> bool:
     """Register the C++ kernels of ``tgi::amx_linear`` / ``tgi::amx_linear_int8`` on
-    ``kernel``'s entry points (once a process; later calls rebind); False, with the Python
-    implementations kept, when switched off or the library cannot be built."""
+    ``kernel``'s entry points (later calls rebind them); False when switched off
+    (``TGI_CPU_GEMM_OPS=0``, read before the first call: a registration stays for the
+    process) or when the library cannot be built, the Python implementations then run."""
     if os.environ.get(OPS_SWITCH, "1") == "0":
         return False
     try:
