@@ -86,8 +86,21 @@ def _build(
         os.replace(built, target)  # atomic: processes building at once agree
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("TGI_KERNEL_CACHE") or Path.home() / ".cache/tgi/kernels")
+def _load_cached(
+    source_name: str,
+    source: str,
+    stamp: list[str],
+    flags: tuple[str, ...],
+    libraries: tuple[str, ...] = (),
+) -> ctypes.CDLL:
+    """The library of ``source`` from the per-user cache, keyed by ``stamp`` (everything
+    the build depends on), or built into it now."""
+    key = hashlib.sha256("\n".join(stamp).encode()).hexdigest()
+    cache = Path(os.environ.get("TGI_KERNEL_CACHE") or Path.home() / ".cache/tgi/kernels")
+    target = cache / f"{Path(source_name).stem}-{key[:16]}.so"
+    if not target.exists():
+        _build(source_name, source, target, flags, libraries)
+    return ctypes.CDLL(str(target))
 
 
 def load_library(source_name: str, march: str = "native") -> ctypes.CDLL:
@@ -100,11 +113,7 @@ def load_library(source_name: str, march: str = "native") -> ctypes.CDLL:
     headers = [header.read_text() for header in sorted(folder.glob("*.h"))]
     flags = (*FLAGS, f"-march={march}")
     features = " ".join(sorted(cpu_flags())) if march == "native" else ""
-    key = hashlib.sha256("\n".join([source, *headers, *flags, features]).encode()).hexdigest()
-    target = _cache_dir() / f"{Path(source_name).stem}-{key[:16]}.so"
-    if not target.exists():
-        _build(source_name, source, target, flags)
-    return ctypes.CDLL(str(target))
+    return _load_cached(source_name, source, [source, *headers, *flags, features], flags)
 
 
 def load_torch_library(source_name: str) -> ctypes.CDLL:
@@ -135,9 +144,5 @@ def load_torch_library(source_name: str) -> ctypes.CDLL:
         "-lc10",
         "-ltorch_cpu",
     )
-    stamp = "\n".join([source, *flags, *libraries, torch.__version__, torch.__file__])
-    key = hashlib.sha256(stamp.encode()).hexdigest()
-    target = _cache_dir() / f"{Path(source_name).stem}-{key[:16]}.so"
-    if not target.exists():
-        _build(source_name, source, target, flags, libraries)
-    return ctypes.CDLL(str(target))
+    stamp = [source, *flags, *libraries, torch.__version__, torch.__file__]
+    return _load_cached(source_name, source, stamp, flags, libraries)

@@ -249,9 +249,11 @@ def _call(
     out = torch.empty((rows.shape[0], out_features), dtype=torch.bfloat16)
     if rows.shape[0]:
         kept = [_as_bf16(v) for v in vectors]  # alive until the call returns
-        if any(v is not None and v.numel() < out_features for v in kept):
-            raise ValueError(f"amx_gemm: a bias or scales vector shorter than {out_features}")
-        pointers = [None if v is None else v.data_ptr() for v in kept]
+        pointers = []
+        for vector in kept:
+            if vector is not None and vector.numel() < out_features:
+                raise ValueError(f"amx_gemm: a bias or scales vector shorter than {out_features}")
+            pointers.append(None if vector is None else vector.data_ptr())
         function = getattr(kernel, name)
         function(rows.data_ptr(), rows.shape[0], k, packed.data_ptr(), out_features, *pointers,
                  out.data_ptr())  # fmt: skip
