@@ -81,6 +81,10 @@ class ForwardBatch:
     encoder: EncoderBatch | None = None
     #: whatever the backend's ``prepare`` computed for this step
     state: Any = None
+    #: set by a backend's ``prepare`` for a step that the C++ ``tgi::attention`` kernel
+    #: can run by itself: a context manager that installs it around a compiled call
+    #: (``attention/native.py``'s ``NativeDecodeStep``)
+    native_decode: Any = None
     _seq_lens_per_token: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod

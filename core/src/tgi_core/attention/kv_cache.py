@@ -12,8 +12,9 @@ layers have no cache.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,15 +23,21 @@ if TYPE_CHECKING:
     from tgi_core.model.layers.attention import Attention
 
 
+_serials = itertools.count()
+
+
 @dataclass
 class KVCache:
-    """Keys and values of every attention layer, indexed by ``Attention.layer_index``."""
+    """Keys and values of every attention layer, indexed by ``Attention.layer_index``.
+    ``serial`` tells caches apart for as long as the process runs (never reused): the C++
+    attention kernel keeps raw pointers to a cache's tensors under its serial."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     num_blocks: int
     block_size: int
     dtype: torch.dtype = torch.float32
+    serial: int = field(default_factory=lambda: next(_serials), compare=False)
 
     @classmethod
     def allocate(

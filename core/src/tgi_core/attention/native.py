@@ -9,6 +9,13 @@ The source is compiled at first use on the machine that runs it (``tgi_core.kern
 ``-march=native``, a per-user cache, torch's OpenMP threads). Without a compiler, or with
 ``TGI_CPU_DECODE_KERNEL=0``, :func:`paged_decode` is None and the backend keeps its
 general path.
+
+In a compiled decode step the kernel is also called from C++ (``kernels/attention_ops.cpp``,
+the CPU kernel of ``tgi::attention``): a backend installs the step's sequences
+(:class:`NativeDecodeStep`, around the compiled call) and registers each layer's caches
+the first time its Python path runs the kernel (:meth:`NativeDecodeStep.register`);
+later steps call the kernel straight from the graph. ``TGI_CPU_ATTENTION_OP=0``, or a
+failed build, keeps every call on the Python path.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import threading
+from types import TracebackType
 
 import torch
 
@@ -28,6 +37,8 @@ log = get_logger("tgi_core.attention")
 ENV_SWITCH = "TGI_CPU_DECODE_KERNEL"
 #: Set to ``0`` to keep the kernel's scores off AMX tiles (AVX-512 dot products instead).
 TILES_SWITCH = "TGI_CPU_AMX_DECODE"
+#: Set to ``0`` to keep a compiled decode step's attention calls on the Python path.
+OP_SWITCH = "TGI_CPU_ATTENTION_OP"
 
 
 def load_kernel(march: str = "native") -> ctypes.CDLL:
@@ -203,3 +214,122 @@ def can_write_new(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor) -> bool
         if new.shape[1:] != shape or new.stride(2) != 1 or new.stride(1) != new.shape[2]:
             return False
     return True
+
+
+@functools.cache
+def _op_library() -> ctypes.CDLL | None:
+    """``attention_ops.cpp`` bound to the decode kernel's bf16 entry point; None when
+    either is unavailable or the op is switched off (read once: the C++ kernel, once
+    registered, stays for the process)."""
+    decode = _library()
+    if decode is None or os.environ.get(OP_SWITCH, "1") == "0":
+        return None
+    try:
+        library = kernels.load_torch_library("attention_ops.cpp")
+    except (OSError, RuntimeError) as exc:
+        log.warning("C++ attention op unavailable; its Python path runs", error=str(exc))
+        return None
+    int64, pointer = ctypes.c_int64, ctypes.c_void_p
+    library.tgi_attention_ops_bind.argtypes = [pointer]
+    library.tgi_attention_register_layer.argtypes = [int64, int64, pointer, pointer]
+    library.tgi_attention_register_layer.argtypes += [int64, int64, int64, ctypes.c_float]
+    library.tgi_attention_set_step.argtypes = [int64, pointer, pointer, pointer]
+    library.tgi_attention_set_step.argtypes += [int64, int64, int64]
+    for function in (
+        library.tgi_attention_ops_bind,
+        library.tgi_attention_register_layer,
+        library.tgi_attention_set_step,
+    ):
+        function.restype = None
+    library.tgi_attention_ops_bind(ctypes.cast(decode.tgi_paged_decode_bf16, pointer).value)
+    return library
+
+
+_installed = threading.local()
+_NO_STEP = (-1, None, None, None, 0, 0, 0)
+
+
+class NativeDecodeStep:
+    """A decode step (one new token per sequence) for the C++ ``tgi::attention`` kernel:
+    ``with step:`` installs it in this thread (restoring what was installed on exit).
+    Keeps the tensors it hands over alive; made by :meth:`create`."""
+
+    def __init__(
+        self,
+        library: ctypes.CDLL,
+        serial: int,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        new_slots: torch.Tensor,
+        block_size: int,
+    ) -> None:
+        self._library = library
+        self._tensors = (block_tables, seq_lens, new_slots)
+        self._args = (
+            serial,
+            block_tables.data_ptr(),
+            seq_lens.data_ptr(),
+            new_slots.data_ptr(),
+            seq_lens.shape[0],
+            block_size,
+            block_tables.shape[1],
+        )
+        self._previous: list[tuple[object, ...]] = []
+
+    @classmethod
+    def create(
+        cls,
+        serial: int,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        new_slots: torch.Tensor,
+        block_size: int,
+    ) -> NativeDecodeStep | None:
+        """The step over the caches of the ``KVCache`` numbered ``serial``: int64
+        ``block_tables`` ``[S, max_blocks]`` (covering each sequence), ``seq_lens`` ``[S]``
+        (new tokens included) and the new tokens' cache slots ``[S]``; None where the C++
+        kernel is unavailable."""
+        library = _op_library()
+        if library is None:
+            return None
+        num_seqs = seq_lens.shape[0]
+        assert block_tables.dtype == seq_lens.dtype == new_slots.dtype == torch.int64
+        assert block_tables.shape[0] == num_seqs and new_slots.shape == (num_seqs,)
+        return cls(
+            library,
+            serial,
+            block_tables.contiguous(),
+            seq_lens.contiguous(),
+            new_slots.contiguous(),
+            block_size,
+        )
+
+    def register(
+        self, key: int, key_cache: torch.Tensor, value_cache: torch.Tensor, scale: float
+    ) -> None:
+        """Layer ``key`` (``Attention.compile_key``) attends with ``scale`` over these
+        bf16 caches ``[slots, Hkv, D]`` of this step's ``KVCache``, for the C++ kernel from
+        now on; call only for a layer whose decode attention is exactly the kernel's, new
+        keys and values written first (no bias, ALiBi or window)."""
+        assert key_cache.dtype == value_cache.dtype == torch.bfloat16
+        assert key_cache.is_contiguous() and value_cache.is_contiguous()
+        assert key_cache.shape == value_cache.shape
+        slots, kv_heads, head_dim = key_cache.shape
+        self._library.tgi_attention_register_layer(
+            key, self._args[0], key_cache.data_ptr(), value_cache.data_ptr(),
+            slots, kv_heads, head_dim, scale,
+        )  # fmt: skip
+
+    def __enter__(self) -> None:
+        self._previous.append(getattr(_installed, "args", _NO_STEP))
+        _installed.args = self._args
+        self._library.tgi_attention_set_step(*self._args)
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        _installed.args = previous = self._previous.pop()
+        self._library.tgi_attention_set_step(*previous)

@@ -51,6 +51,7 @@ from tgi_core.attention.flash_prefill import (
 )
 from tgi_core.attention.native import (
     DecodeSequences,
+    NativeDecodeStep,
     can_write_new,
     paged_decode,
     paged_decode_available,
@@ -305,6 +306,14 @@ class SdpaBackend(AttentionBackend):
                 max_len=max(lengths_list),
                 block_size=batch.block_size,
             )
+            if len(decode_ids) == len(batch.chunks) and paged_decode_available():
+                batch.native_decode = NativeDecodeStep.create(
+                    batch.kv_cache.serial,
+                    decodes.block_tables,
+                    lengths,
+                    batch.slot_mapping,
+                    batch.block_size,
+                )
         prefills = [
             _Prefill(
                 batch.query_start[index],
@@ -367,6 +376,11 @@ class SdpaBackend(AttentionBackend):
             sequences = plan.decodes.bind(writes, batch.slot_mapping)
             new = (k, v) if writes else None
             bias = self._kernel_bias(layer, plan.decodes, plan)
+            native: NativeDecodeStep | None = batch.native_decode
+            plain = writes and bias is None and q.dtype == keys.dtype
+            if native and plain and layer.compile_key >= 0:
+                # exactly this call: the C++ kernel runs the layer's next steps itself
+                native.register(layer.compile_key, keys, values, layer.scale)
             out = sequences.attend(
                 q.to(keys.dtype), keys, values, layer.scale, new, checked=True, bias=bias
             )

@@ -21,7 +21,7 @@ import itertools
 import threading
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -49,7 +49,9 @@ def current_batch(batch: Any) -> Iterator[None]:
     previous = getattr(_step, "batch", None)
     _step.batch = batch
     try:
-        yield
+        # a decode step the C++ attention kernel can run by itself (attention/native.py)
+        with getattr(batch, "native_decode", None) or nullcontext():
+            yield
     finally:
         _step.batch = previous
 
@@ -59,6 +61,7 @@ def current_batch(batch: Any) -> Iterator[None]:
 # calls them ~150 times).
 _library = torch.library.Library("tgi", "DEF")
 _library.define("attention(Tensor q, Tensor? k, Tensor? v, int layer_key) -> Tensor")
+_library.define("attention_general(Tensor q, Tensor? k, Tensor? v, int layer_key) -> Tensor")
 _library.define("packed_linear(Tensor x, Tensor packed, Tensor? bias) -> Tensor")
 _library.define("amx_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor")
 _library.define("rotary_cos_sin(Tensor positions, Tensor? seq_lens, int key) -> (Tensor, Tensor)")
@@ -86,6 +89,7 @@ def _packed_linear_impl(
 
 
 _library.impl("attention", _attention_impl, "CompositeExplicitAutograd")
+_library.impl("attention_general", _attention_impl, "CompositeExplicitAutograd")
 
 
 def _rotary_cos_sin_impl(
@@ -145,6 +149,7 @@ def _packed_linear_fake(
 
 
 torch.library.register_fake("tgi::attention", _attention_fake)
+torch.library.register_fake("tgi::attention_general", _attention_fake)
 
 
 def _amx_linear_fake(
