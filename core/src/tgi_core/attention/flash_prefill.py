@@ -54,12 +54,10 @@ def load_kernel(march: str = "native") -> ctypes.CDLL:
 def _library() -> ctypes.CDLL | None:
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
-    try:
-        library = load_kernel()
-    except (OSError, RuntimeError) as exc:
-        log.warning("CPU prefill-attention kernel unavailable; using SDPA", error=str(exc))
-        return None
-    return library if library.tgi_flash_prefill_supported() else None
+    library = kernels.load_or_warn(
+        load_kernel, log, "CPU prefill-attention kernel unavailable; using SDPA"
+    )
+    return library if library is not None and library.tgi_flash_prefill_supported() else None
 
 
 def flash_prefill_available(head_dim: int) -> bool:

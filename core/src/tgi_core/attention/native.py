@@ -67,11 +67,9 @@ def use_tiles(library: ctypes.CDLL, enable: bool) -> bool:
 def _library() -> ctypes.CDLL | None:
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
-    try:
-        return load_kernel()
-    except (OSError, RuntimeError) as exc:
-        log.warning("CPU decode-attention kernel unavailable; using gather + SDPA", error=str(exc))
-        return None
+    return kernels.load_or_warn(
+        load_kernel, log, "CPU decode-attention kernel unavailable; using gather + SDPA"
+    )
 
 
 def paged_decode_available() -> bool:
@@ -224,10 +222,12 @@ def _op_library() -> ctypes.CDLL | None:
     decode = _library()
     if decode is None or os.environ.get(OP_SWITCH, "1") == "0":
         return None
-    try:
-        library = kernels.load_torch_library("attention_ops.cpp")
-    except (OSError, RuntimeError) as exc:
-        log.warning("C++ attention op unavailable; its Python path runs", error=str(exc))
+    library = kernels.load_or_warn(
+        lambda: kernels.load_torch_library("attention_ops.cpp"),
+        log,
+        "C++ attention op unavailable; its Python path runs",
+    )
+    if library is None:
         return None
     int64, pointer = ctypes.c_int64, ctypes.c_void_p
     library.tgi_attention_ops_bind.argtypes = [pointer]

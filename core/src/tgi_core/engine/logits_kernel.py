@@ -23,10 +23,12 @@ log = get_logger("tgi_core.engine")
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    try:
-        library = kernels.load_library("logits.cpp")
-    except (OSError, RuntimeError) as exc:
-        log.warning("logits kernel unavailable; using torch's max and logsumexp", error=str(exc))
+    library = kernels.load_or_warn(
+        lambda: kernels.load_library("logits.cpp"),
+        log,
+        "logits kernel unavailable; using torch's max and logsumexp",
+    )
+    if library is None:
         return None
     pointer, int64 = ctypes.c_void_p, ctypes.c_int64
     for function in (library.tgi_greedy_logsumexp, library.tgi_greedy_logsumexp_bf16):

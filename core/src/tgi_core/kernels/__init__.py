@@ -23,7 +23,11 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # -ffast-math would also link crtfastmath.o, which flushes denormals for the whole
 # process; these are the parts the kernels' loops need to vectorize
@@ -146,3 +150,13 @@ def load_torch_library(source_name: str) -> ctypes.CDLL:
     )
     stamp = [source, *flags, *libraries, torch.__version__, torch.__file__]
     return _load_cached(source_name, source, stamp, flags, libraries)
+
+
+def load_or_warn(load: Callable[[], T], log: Any, message: str) -> T | None:
+    """``load()``, or None after logging ``message`` (with the error) at warning level
+    when the library cannot be built or loaded (``RuntimeError`` or ``OSError``)."""
+    try:
+        return load()
+    except (OSError, RuntimeError) as exc:
+        log.warning(message, error=str(exc))
+        return None

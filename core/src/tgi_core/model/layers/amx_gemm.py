@@ -102,10 +102,12 @@ def bind_native_ops(kernel: _Kernel) -> bool:
     process) or when the library cannot be built, the Python implementations then run."""
     if os.environ.get(OPS_SWITCH, "1") == "0":
         return False
-    try:
-        library = kernels.load_torch_library("gemm_ops.cpp")
-    except (OSError, RuntimeError) as exc:
-        log.warning("C++ GEMM ops unavailable; their Python implementations run", error=str(exc))
+    library = kernels.load_or_warn(
+        lambda: kernels.load_torch_library("gemm_ops.cpp"),
+        log,
+        "C++ GEMM ops unavailable; their Python implementations run",
+    )
+    if library is None:
         return False
     address = [ctypes.cast(f, ctypes.c_void_p).value for f in (kernel.bf16, kernel.int8)]
     library.tgi_gemm_ops_bind.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
@@ -128,13 +130,11 @@ def _load_kernel() -> _Kernel | None:
                 return _Kernel("amx", library.tgi_amx_linear_bf16, library.tgi_amx_linear_int8)
             log.warning("AMX GEMM kernel unavailable: the compiler or the OS does not enable AMX")
     if flags >= _VECTOR_FLAGS:
-        try:
-            library = load_vector_kernel()
-        except (OSError, RuntimeError) as exc:
-            log.warning("AVX-512 GEMM kernel unavailable; using oneDNN", error=str(exc))
-            return None
-        if library.tgi_vec_gemm_available():
-            return _Kernel("avx512_bf16", library.tgi_vec_linear_bf16, library.tgi_vec_linear_int8)
+        vector = kernels.load_or_warn(
+            load_vector_kernel, log, "AVX-512 GEMM kernel unavailable; using oneDNN"
+        )
+        if vector is not None and vector.tgi_vec_gemm_available():
+            return _Kernel("avx512_bf16", vector.tgi_vec_linear_bf16, vector.tgi_vec_linear_int8)
     return None
 
 
