@@ -6,8 +6,9 @@ reported, since the machines are shared): the model is loaded in bfloat16
 (this CPU's default dtype) and quantized while loading; the process reports the bytes
 of the linear layers' weights and of the whole model (parameters and buffers), its
 resident set size after loading (and the growth from loading), then the engine's
-greedy throughput for 1 stream and for 32 concurrent streams (all submitted at once,
-EOS ignored), after a short warm-up. Quality: perplexity of the demo model (the
+greedy throughput for 1 stream (the median of ``--repeats`` runs: it is short, and one
+slow second of a shared machine moves it) and for 32 concurrent streams (all submitted
+at once, EOS ignored), after a short warm-up. Quality: perplexity of the demo model (the
 ``demo`` model source of tgi-demo, or ``--demo-model DIR``) on held-out Python text,
 in windows of ``--ppl-window`` tokens, with each method (by default the demo's own
 held-out split of the standard library, which it never trained on).
@@ -28,7 +29,7 @@ changes no weight), and the table goes to its own section of the docs
 Smoke run (a tiny shape, a few tokens, a part of the held-out text):
 
     python benchmarks/quantization.py --shapes tiny --streams 1 4 --prompt 8 --new 8 \
-        --rounds 1 --ppl-tokens 2048 --ppl-window 256
+        --rounds 1 --repeats 1 --ppl-tokens 2048 --ppl-window 256
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ METHODS: dict[str, tuple[str | None, dict[str, dict[str, Any]]]] = {
 }
 
 CHILD_COMMON = """
-import json, sys, time
+import json, statistics, sys, time
 import torch
 from tgi_core.model.base import ModelContext
 from tgi_core.model.layers.linear import LinearBase
@@ -154,7 +155,10 @@ def run(count, prompt, new, tag):
 if args["compile"]:
     engine.warm_up()  # compiles the prefill and the one-token graphs
 run(2, 16, 4, "warm")
-result["tokens_per_s"] = {str(n): run(n, prompt, new, f"s{n}-") for n in args["streams"]}
+def measure(count):  # a single stream is short and noisy: its median of a few runs
+    runs = args["repeats"] if count == 1 else 1
+    return statistics.median(run(count, prompt, new, f"s{count}-{i}-") for i in range(runs))
+result["tokens_per_s"] = {str(n): measure(n) for n in args["streams"]}
 print(json.dumps(result))
 """
 )
@@ -278,8 +282,9 @@ def section(
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d} on {describe_machine()}. Random-weight checkpoints "
         "saved in bfloat16; each method in a fresh process, the model in bfloat16 "
-        "(activations too), quantized while loading: int8 per output channel (the AMX "
-        "kernel where the CPU has AMX, else `_weight_int8pack_mm`), int4 group-wise, groups "
+        "(activations too), quantized while loading: int8 per output channel (tgi-core's "
+        "packed-weight kernel where the CPU has AMX, or AVX-512 BF16 and VBMI, else "
+        "`_weight_int8pack_mm`), int4 group-wise, groups "
         "of 64 "
         "(`_weight_int4pack_mm_for_cpu`), nf4 through bitsandbytes (its fused CPU kernel). "
         "int8 also quantizes the (tied) embedding and LM head table; the other methods keep "
@@ -288,7 +293,8 @@ def section(
         f"loading (growth from loading in brackets). Throughput: greedy, {args.prompt} "
         f"prompt tokens and {args.new} new per request, EOS ignored, {single} stream and "
         f"{multi} streams submitted at once to the engine; the median of {args.rounds} "
-        "runs of each method, in alternating order."
+        "processes of each method, in alternating order (in each process, the single "
+        f"stream's figure is the median of {args.repeats} runs)."
         + (
             " Compiled: each model served through `torch.compile` (warmed up before timing); "
             "perplexity in the eager section above."
@@ -375,7 +381,10 @@ def main() -> None:
     parser.add_argument("--streams", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     parser.add_argument("--new", type=int, default=128, help="new tokens per request")
-    parser.add_argument("--rounds", type=int, default=2, help="runs of each method (median)")
+    parser.add_argument("--rounds", type=int, default=3, help="processes of each method (median)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="single-stream runs in each process (median)"
+    )
     parser.add_argument("--layers", type=int, help="override every shape's layer count")
     parser.add_argument("--demo-model", type=Path, help="checkpoint for perplexity")
     parser.add_argument("--text", type=Path, nargs="+", help="held-out .py files or folders")
@@ -404,6 +413,7 @@ def main() -> None:
                         "prompt": args.prompt,
                         "new": args.new,
                         "compile": args.compile,
+                        "repeats": args.repeats,
                     }
                     runs[method].append(child(CHILD_SPEED, payload))
                     print(shape, method, json.dumps(runs[method][-1]), flush=True)
