@@ -8,9 +8,8 @@ flags and the CPU's features, and loads it with ctypes after torch: it shares to
 OpenMP runtime, so its parallel regions use the calling thread's
 ``torch.set_num_threads``, and ctypes releases the GIL around each call.
 
-:func:`load_torch_library` builds the one file that includes torch's headers
-(``gemm_ops.cpp``: custom-op kernels of the dispatcher) against the installed torch, in
-a few seconds more.
+:func:`load_torch_library` builds the files that include torch's headers (``*_ops.cpp``:
+custom-op kernels of the dispatcher) against the installed torch, in a few seconds more.
 
 Callers treat a failed build as "kernel unavailable" and keep a PyTorch path.
 """
@@ -120,20 +119,25 @@ def load_library(source_name: str, march: str = "native") -> ctypes.CDLL:
     return _load_cached(source_name, source, [source, *headers, *flags, features], flags)
 
 
-def load_torch_library(source_name: str) -> ctypes.CDLL:
+def load_torch_library(source_name: str, *, vectorize: bool = False) -> ctypes.CDLL:
     """The library built from ``source_name`` against the installed torch (its headers,
     ``libc10`` and ``libtorch_cpu``, its C++ ABI), from the per-user cache (keyed by the
     source and torch's version and path) or built now; loading it runs its
     ``TORCH_LIBRARY_IMPL`` registrations. Raises ``RuntimeError`` or ``OSError`` when it
-    cannot be built or loaded."""
+    cannot be built or loaded.
+
+    ``vectorize``: ``-O3 -march=native`` (the CPU's features join the key), without
+    floating-point contraction (each product rounds, as in PyTorch), for a source whose
+    own loops do the work."""
     import torch  # this package's C-ABI libraries do not need it
     from torch.utils import cpp_extension
 
     folder = Path(__file__).parent
     source = (folder / source_name).read_text()
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    optimization = ("-O3", "-march=native", "-ffp-contract=off") if vectorize else ("-O2",)
     flags = (
-        "-O2",
+        *optimization,
         "-std=c++17",
         "-shared",
         "-fPIC",
@@ -149,6 +153,8 @@ def load_torch_library(source_name: str) -> ctypes.CDLL:
         "-ltorch_cpu",
     )
     stamp = [source, *flags, *libraries, torch.__version__, torch.__file__]
+    if vectorize:
+        stamp.append(" ".join(sorted(cpu_flags())))
     return _load_cached(source_name, source, stamp, flags, libraries)
 
 

@@ -71,11 +71,10 @@ def packed_linear(
     if x.dtype != torch.bfloat16:
         bias = None if bias is None else bias.bfloat16()
         return packed_linear(x.to(torch.bfloat16), packed, bias, out_features).to(x.dtype)
-    compiling = torch.compiler.is_compiling()  # opaque ops for inductor (model/compiled.py)
     if amx_gemm.is_packed(packed):
-        if compiling:
-            return opaque.amx_linear(x, packed, bias, out_features)
-        return amx_gemm.linear(x, packed, bias, out_features)
-    if compiling:
+        # the op, compiled or not: opaque to inductor (model/compiled.py), and in eager
+        # its C++ kernel skips the Python around the ctypes call
+        return opaque.amx_linear(x, packed, bias, out_features)
+    if torch.compiler.is_compiling():  # an opaque op for inductor
         return opaque.packed_linear(x, packed, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")

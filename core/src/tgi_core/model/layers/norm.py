@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tgi_core.model.layers import fused
 from tgi_core.model.weights import LazyTensor
 
 
@@ -34,13 +35,17 @@ class RMSNorm(nn.Module):
         self.weight = replicated_parameter(hidden_size, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one fused op
+        if fused.applies(x, self.weight):  # eager on CPU: one C++ call
+            return fused.rms_norm(x, self.weight, self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
     def add_forward(
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalize ``x + residual``; returns ``(normalized, x + residual)``."""
+        if fused.applies(x, self.weight) and residual.dtype == x.dtype:
+            return fused.add_rms_norm(x, residual, self.weight, self.eps)
         summed = x + residual
         return self.forward(summed), summed
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tgi_core.model.layers import opaque
+from tgi_core.model.layers import fused, opaque
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -158,6 +158,8 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` ``[T, heads, head_dim]``; ``cos``/``sin`` are ``[T, rotary_dim]``."""
+    if fused.applies(x, cos) and sin.dtype == x.dtype:  # eager on CPU: one C++ call
+        return fused.rotary(x, cos, sin)
     rotary_dim = cos.shape[-1]
     cos = cos.to(x.dtype)[:, None, :]
     sin = sin.to(x.dtype)[:, None, :]

@@ -64,12 +64,11 @@ def int8_matmul(
     by the int8 values in ``x``'s dtype (exact: they are small integers) and scales the
     product, exact in float32 and one more bf16 rounding than the kernel in bfloat16."""
     if amx_gemm.is_packed(qweight):
-        rows = x.to(KERNEL_DTYPE)
-        out_features = scales.shape[0]
-        if torch.compiler.is_compiling():  # opaque to inductor (model/compiled.py)
-            out = opaque.amx_linear_int8(rows, qweight, scales, None, out_features)
-        else:
-            out = amx_gemm.linear_int8(rows, qweight, scales, None, out_features)
+        # the op, compiled or not: opaque to inductor (model/compiled.py), and in eager
+        # its C++ kernel skips the Python around the ctypes call (~7 us of ~10 a layer)
+        if x.dtype == KERNEL_DTYPE:
+            return opaque.amx_linear_int8(x, qweight, scales, None, scales.shape[0])
+        out = opaque.amx_linear_int8(x.to(KERNEL_DTYPE), qweight, scales, None, scales.shape[0])
         return out.to(x.dtype)
     if use_kernel and x.shape[0] <= KERNEL_MAX_ROWS:
         out = torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), qweight, scales)
@@ -113,11 +112,11 @@ class Int8LinearMethod:
         layer.register_buffer("scales", scale, persistent=False)
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
+        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         out = int8_matmul(flat, layer.tensor("qweight"), layer.tensor("scales"), self.use_kernel)
         if bias is not None:
             out = out + bias
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
 
 class Int8Vocabulary:
