@@ -98,10 +98,11 @@ paths, each falling back by itself where the CPU or the machine cannot run it):
 | env | default | effect |
 |---|---|---|
 | `TGI_CPU_AMX_GEMM` | `1` | `0`: neither AMX nor AVX-512 GEMM kernel (oneDNN, torch int8) |
-| `TGI_CPU_GEMM_OPS` | `1` | `0`: compiled GEMM ops run in Python, not the C++ kernels |
+| `TGI_CPU_GEMM_OPS` | `1` | `0`: the packed-weight GEMM ops run in Python, not C++ kernels |
 | `TGI_CPU_PACKED_GEMM` | `1` | `0`: bf16 linear layers use plain `F.linear`, no packed weights |
 | `TGI_CPU_DECODE_KERNEL` | `1` | `0`: decode attention by gather + SDPA, not the paged kernel |
-| `TGI_CPU_ATTENTION_OP` | `1` | `0`: compiled decode steps' attention calls run in Python |
+| `TGI_CPU_ATTENTION_OP` | `1` | `0`: decode steps' attention calls run in Python, not C++ |
+| `TGI_CPU_FUSED_OPS` | `1` | `0`: eager RMSNorm and rotary by PyTorch ops, not one C++ call |
 | `TGI_CPU_AMX_DECODE` | `1` | `0`: decode kernel scores by AVX-512 dot products, not AMX tiles |
 | `TGI_COMPILE_CPP_WRAPPER` | `1` | `0`: a compiled step's graph is run by Python code, not C++ |
 | `TGI_CPU_PREFILL_KERNEL` | `1` | `0`: prefills (and T5's encoder) without the prefill kernel |

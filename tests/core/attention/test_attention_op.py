@@ -151,8 +151,8 @@ def test_a_step_is_installed_for_its_thread_and_restored_on_exit() -> None:
         torch.ops.tgi.attention(q, k, v, key)
 
 
-def generate(path: Path, prompt_lengths: list[int]) -> dict[str, list[int]]:
-    engine = build_engine(path, dtype=torch.bfloat16, num_blocks=64, block_size=4, compile=True)
+def generate(path: Path, prompt_lengths: list[int], compile: bool) -> dict[str, list[int]]:
+    engine = build_engine(path, dtype=torch.bfloat16, num_blocks=64, block_size=4, compile=compile)
     generator = torch.Generator().manual_seed(3)
     requests = [
         GenerateRequest(
@@ -167,12 +167,14 @@ def generate(path: Path, prompt_lengths: list[int]) -> dict[str, list[int]]:
     return {rid: [event.token_id for event in events] for rid, events in out.items()}
 
 
-def test_a_compiled_engine_decodes_the_same_tokens_on_the_cpp_path(
-    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("compile", [True, False], ids=["compiled", "eager"])
+def test_an_engine_decodes_the_same_tokens_on_the_cpp_path(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, compile: bool
 ) -> None:
-    """Greedy bf16 generation, a batch of mixed lengths: the same tokens with decode steps
-    installed for the C++ kernel as without, and the Python path then runs only the steps
-    that register the layers (the first decode step) and the prefills."""
+    """Greedy bf16 generation, a batch of mixed lengths, compiled or eager: the same tokens
+    with decode steps installed for the C++ kernel as without, and the Python path then
+    runs only the steps that register the layers (the first decode step) and the
+    prefills."""
     calls = {"python": 0}
     forward = SdpaBackend.forward
 
@@ -182,10 +184,10 @@ def test_a_compiled_engine_decodes_the_same_tokens_on_the_cpp_path(
 
     monkeypatch.setattr(SdpaBackend, "forward", counting)
     lengths = [7, 3, 30, 12]
-    with_cpp = generate(tiny_llama, lengths)
+    with_cpp = generate(tiny_llama, lengths, compile)
     cpp_calls, calls["python"] = calls["python"], 0
     monkeypatch.setattr(NativeDecodeStep, "create", classmethod(lambda cls, *args: None))
-    without = generate(tiny_llama, lengths)
+    without = generate(tiny_llama, lengths, compile)
     assert with_cpp == without
     assert all(len(tokens) == 12 for tokens in with_cpp.values())
     assert cpp_calls < calls["python"] / 3

@@ -10,11 +10,12 @@ The source is compiled at first use on the machine that runs it (``tgi_core.kern
 ``TGI_CPU_DECODE_KERNEL=0``, :func:`paged_decode` is None and the backend keeps its
 general path.
 
-In a compiled decode step the kernel is also called from C++ (``kernels/attention_ops.cpp``,
-the CPU kernel of ``tgi::attention``): a backend installs the step's sequences
-(:class:`NativeDecodeStep`, around the compiled call) and registers each layer's caches
-the first time its Python path runs the kernel (:meth:`NativeDecodeStep.register`);
-later steps call the kernel straight from the graph. ``TGI_CPU_ATTENTION_OP=0``, or a
+In a decode step the kernel is also called from C++ (``kernels/attention_ops.cpp``, the
+CPU kernel of ``tgi::attention``): a backend installs the step's sequences
+(:class:`NativeDecodeStep`, around the model's call, compiled or eager) and registers each
+layer's caches the first time its Python path runs the kernel
+(:meth:`NativeDecodeStep.register`); in later steps the layers' op calls run the kernel
+straight from C++. ``TGI_CPU_ATTENTION_OP=0``, or a
 failed build, keeps every call on the Python path.
 """
 
@@ -37,7 +38,7 @@ log = get_logger("tgi_core.attention")
 ENV_SWITCH = "TGI_CPU_DECODE_KERNEL"
 #: Set to ``0`` to keep the kernel's scores off AMX tiles (AVX-512 dot products instead).
 TILES_SWITCH = "TGI_CPU_AMX_DECODE"
-#: Set to ``0`` to keep a compiled decode step's attention calls on the Python path.
+#: Set to ``0`` to keep a decode step's attention calls on the Python path.
 OP_SWITCH = "TGI_CPU_ATTENTION_OP"
 
 
@@ -307,7 +308,7 @@ class NativeDecodeStep:
     def register(
         self, key: int, key_cache: torch.Tensor, value_cache: torch.Tensor, scale: float
     ) -> None:
-        """Layer ``key`` (``Attention.compile_key``) attends with ``scale`` over these
+        """Layer ``key`` (``Attention.op_key``) attends with ``scale`` over these
         bf16 caches ``[slots, Hkv, D]`` of this step's ``KVCache``, for the C++ kernel from
         now on; call only for a layer whose decode attention is exactly the kernel's, new
         keys and values written first (no bias, ALiBi or window)."""

@@ -378,9 +378,9 @@ class SdpaBackend(AttentionBackend):
             bias = self._kernel_bias(layer, plan.decodes, plan)
             native: NativeDecodeStep | None = batch.native_decode
             plain = writes and bias is None and q.dtype == keys.dtype
-            if native and plain and layer.compile_key >= 0:
+            if native and plain and layer.op_key >= 0:
                 # exactly this call: the C++ kernel runs the layer's next steps itself
-                native.register(layer.compile_key, keys, values, layer.scale)
+                native.register(layer.op_key, keys, values, layer.scale)
             out = sequences.attend(
                 q.to(keys.dtype), keys, values, layer.scale, new, checked=True, bias=bias
             )

@@ -16,7 +16,7 @@ from tgi_core.attention.backend import AttentionBackend
 from tgi_core.attention.batch import ForwardBatch, SequenceChunk
 from tgi_core.attention.kv_cache import KVCache
 from tgi_core.engine.scheduler import ScheduledChunk
-from tgi_core.model.compiled import ModelForward, compile_forward
+from tgi_core.model.compiled import ModelForward, compile_forward, eager_forward
 from tgi_core.model.layers.attention import Attention
 
 
@@ -50,7 +50,7 @@ class ModelRunner:
     ) -> None:
         self.model, self.backend, self.device = model, backend, torch.device(device)
         #: the model's forward, compiled by inductor with ``compile`` (model/compiled.py)
-        self.forward: ModelForward = compile_forward(model) if compile else model
+        self.forward: ModelForward = compile_forward(model) if compile else eager_forward(model)
         layers = [module for module in model.modules() if isinstance(module, Attention)]
         self.kv_cache = KVCache.allocate(
             layers, num_blocks, block_size, backend.kv_cache_dtype(model_dtype), self.device

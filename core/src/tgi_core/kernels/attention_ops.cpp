@@ -1,5 +1,5 @@
-// tgi::attention as a C++ CPU kernel of the dispatcher: in a decode step, a compiled
-// graph's self-attention layers go straight to the paged decode kernel, without the
+// tgi::attention as a C++ CPU kernel of the dispatcher: in a decode step, the self-attention
+// layers (of a compiled graph, or eager) go straight to the paged decode kernel, without the
 // Python implementation, its plan lookups and the ctypes call (~25 us a layer on the
 // SmolLM shape). Everything else goes to tgi::attention_general, the Python
 // implementation (tgi_core/model/layers/opaque.py).
@@ -9,7 +9,7 @@
 //   serial of the KVCache they belong to), its scale; registered by the Python path the
 //   first time it takes the plain decode kernel for the layer;
 // - the step (per thread): the serial of the step's KVCache, its sequences' block
-//   tables, lengths and new-token slots; installed around a compiled call when every
+//   tables, lengths and new-token slots; installed around a model call when every
 //   sequence of the step decodes one token.
 // A layer runs here only when its serial is the step's (its pointers are the step's
 // cache) and q, k and v have the shapes and layouts the kernel takes; else the Python

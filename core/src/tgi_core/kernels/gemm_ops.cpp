@@ -1,7 +1,7 @@
 // tgi::amx_linear and tgi::amx_linear_int8 as C++ CPU kernels of the dispatcher, so that a
-// compiled graph's GEMM calls (~120 a step on the SmolLM shape) go from the graph's wrapper
-// straight to the packed-weight kernel: no Python implementation, argument conversion or
-// ctypes call in between (~7 us a call).
+// step's GEMM calls (~120 a step on the SmolLM shape; from a compiled graph's wrapper, or
+// from the eager linear layers) go straight to the packed-weight kernel: no Python
+// implementation, argument conversion or ctypes call in between (~7 us a call).
 //
 // The one C++ file here that includes torch's headers: built against the installed torch by
 // tgi_core/kernels (load_torch_library), registered when loaded. The GEMM itself stays in

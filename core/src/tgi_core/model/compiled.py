@@ -83,14 +83,36 @@ def frozen_module_guards(entries: Sequence[Any]) -> list[bool]:
     ]
 
 
+def register_op_layers(model: nn.Module) -> None:
+    """Give ``model``'s attention and rotary layers their keys for the custom ops
+    (``op_key``), once per layer: a compiled graph holds the key as a constant, a new
+    one would make every later :func:`compile_forward` of the model recompile."""
+    for layer in model.modules():
+        if isinstance(layer, Attention | RotaryEmbedding) and layer.op_key < 0:
+            layer.op_key = register_layer(layer)
+
+
+def eager_forward(model: nn.Module) -> ModelForward:
+    """``model.forward`` uncompiled, with the step's batch current (``current_batch``):
+    in a decode step the attention layers then call ``tgi::attention`` themselves, whose
+    C++ kernel runs a plain self-attention layer without the Python backend
+    (``Attention.forward``)."""
+    register_op_layers(model)
+
+    def forward(
+        input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
+        with current_batch(batch):
+            out: torch.Tensor = model(input_ids, positions, batch)
+        return out
+
+    return forward
+
+
 def compile_forward(model: nn.Module) -> ModelForward:
     """``model.forward`` compiled by inductor; call it only through the returned
     function, which makes the step's batch current for the attention op."""
-    for layer in model.modules():
-        if isinstance(layer, Attention | RotaryEmbedding) and layer.compile_key < 0:
-            # once per layer: the graph holds the key as a constant, a new one would
-            # make every later compile_forward of the model recompile
-            layer.compile_key = register_layer(layer)
+    register_op_layers(model)
     # torch.compile's typed overloads lack isolate_recompiles, which its signature has
     compiled = torch.compile(  # type: ignore[call-overload]
         model.forward,

@@ -54,8 +54,9 @@ class Attention(nn.Module):
         #: this layer's index in the KV cache; set when the cache is allocated (encoder
         #: layers have no cache and keep -1).
         self.layer_index = -1
-        #: this layer's key for the ``tgi::attention`` op of a compiled model (-1: none)
-        self.compile_key = -1
+        #: this layer's key for the ``tgi::attention`` op (-1: none; given by the model's
+        #: runner, ``model/compiled.py``)
+        self.op_key = -1
 
     @property
     def cached(self) -> bool:
@@ -79,7 +80,11 @@ class Attention(nn.Module):
         layer's tensors are the step's packed encoder tokens; a cross layer takes no
         ``k``/``v`` (they are in the cache)."""
         if torch.compiler.is_compiling():  # opaque to inductor (model/compiled.py)
-            return opaque.attention(q, k, v, self.compile_key)
+            return opaque.attention(q, k, v, self.op_key)
+        if batch.native_decode is not None and self.op_key >= 0:
+            # a decode step the op's C++ kernel may run alone (attention/native.py); it
+            # hands anything else back to the backend
+            return opaque.attention(q, k, v, self.op_key)
         return batch.backend.forward(self, q, k, v, batch)
 
     def extra_repr(self) -> str:

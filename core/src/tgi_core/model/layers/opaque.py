@@ -1,4 +1,6 @@
-"""Custom ops that a compiled model calls but inductor does not trace (``compiled.py``).
+"""Custom ops that a compiled model calls but inductor does not trace (``compiled.py``);
+eager steps call two of them too, for their C++ kernels: ``tgi::attention`` in decode
+steps and the packed-weight GEMMs.
 
 - ``tgi::attention``: the step's backend reads the paged cache with per-step Python
   plans (``ForwardBatch.state``) that a graph cannot capture. The op finds its layer by

@@ -119,9 +119,9 @@ class RotaryEmbedding(nn.Module):
                 self.rotary_dim, self.base, params, max_position
             )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        #: this embedding's key for the ``tgi::rotary_cos_sin`` op of a compiled model
-        #: (-1: none; set by ``model/compiled.py``)
-        self.compile_key = -1
+        #: this embedding's key for the ``tgi::rotary_cos_sin`` op, which a compiled
+        #: model calls (-1: none; set by ``model/compiled.py``)
+        self.op_key = -1
 
     def _dynamic_inv_freq(self, seq_lens: torch.Tensor) -> torch.Tensor:
         """Per-token frequencies for dynamic NTK: the base grows with the sequence length."""
@@ -143,8 +143,8 @@ class RotaryEmbedding(nn.Module):
         frequencies of its own length, as transformers does for one sequence. In a
         compiled model they are one opaque op (``layers/opaque.py``), computed once a step.
         """
-        if self.compile_key >= 0 and torch.compiler.is_compiling():
-            return opaque.rotary_cos_sin(positions, seq_lens, self.compile_key)
+        if self.op_key >= 0 and torch.compiler.is_compiling():
+            return opaque.rotary_cos_sin(positions, seq_lens, self.op_key)
         pos = positions.float()
         if self.rope_type == "linear":
             pos = pos / self.factor
