@@ -81,7 +81,7 @@ class Attention(nn.Module):
         ``k``/``v`` (they are in the cache)."""
         if torch.compiler.is_compiling():  # opaque to inductor (model/compiled.py)
             return opaque.attention(q, k, v, self.op_key)
-        if batch.native_decode is not None and self.op_key >= 0:
+        if batch.native_decode is not None and self.op_key >= 0 and opaque.is_current(batch):
             # a decode step the op's C++ kernel may run alone (attention/native.py); it
             # hands anything else back to the backend
             return opaque.attention(q, k, v, self.op_key)

@@ -58,6 +58,11 @@ def current_batch(batch: Any) -> Iterator[None]:
         _step.batch = previous
 
 
+def is_current(batch: Any) -> bool:
+    """Whether ``batch`` is this thread's current one (:func:`current_batch`)."""
+    return getattr(_step, "batch", None) is batch
+
+
 # Defined through torch.library.Library rather than torch.library.custom_op: the same
 # opaque ops to inductor, but ~2 us of dispatch a call instead of ~13 (a decode step
 # calls them ~150 times).
