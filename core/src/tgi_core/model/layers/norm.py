@@ -44,7 +44,11 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalize ``x + residual``; returns ``(normalized, x + residual)``."""
-        if fused.applies(x, self.weight) and residual.dtype == x.dtype:
+        if (
+            fused.applies(x, self.weight)
+            and residual.dtype == x.dtype
+            and residual.shape == x.shape
+        ):
             return fused.add_rms_norm(x, residual, self.weight, self.eps)
         summed = x + residual
         return self.forward(summed), summed
