@@ -31,15 +31,16 @@
 
 namespace {
 
+// bf16 values are handled as their bits (uint16_t) so that the loops vectorize
 inline float widen(float value) { return value; }
-inline float widen(c10::BFloat16 value) {
-  uint32_t bits = static_cast<uint32_t>(value.x) << 16;
+inline float widen(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
   float out;
-  std::memcpy(&out, &bits, sizeof out);
+  std::memcpy(&out, &wide, sizeof out);
   return out;
 }
 
-// float -> T, rounded to nearest even (NaN stays NaN), as PyTorch's casts do
+// float -> T, rounded to nearest even (NaN stays NaN), as PyTorch's casts do; branch-free
 template <typename T>
 inline T narrow(float value);
 template <>
@@ -47,13 +48,12 @@ inline float narrow<float>(float value) {
   return value;
 }
 template <>
-inline c10::BFloat16 narrow<c10::BFloat16>(float value) {
+inline uint16_t narrow<uint16_t>(float value) {
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof bits);
   const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  c10::BFloat16 out;
-  out.x = static_cast<uint16_t>(std::isnan(value) ? 0x7FC0u : rounded);
-  return out;
+  const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+  return static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
 }
 
 // x's row rounded to T after the norm, times the weight: out[i] = w[i] * T(x[i] * inv)
@@ -63,6 +63,14 @@ inline void scale_row(const float* x, const T* weight, int64_t n, float inv, T* 
     const float normed = widen(narrow<T>(x[i] * inv));
     out[i] = narrow<T>(widen(weight[i]) * normed);
   }
+}
+
+// a bf16 tensor's values as their bits
+const uint16_t* bits(const at::Tensor& tensor) {
+  return reinterpret_cast<const uint16_t*>(tensor.const_data_ptr<c10::BFloat16>());
+}
+uint16_t* mutable_bits(at::Tensor& tensor) {
+  return reinterpret_cast<uint16_t*>(tensor.mutable_data_ptr<c10::BFloat16>());
 }
 
 constexpr int kLanes = 16;
@@ -151,11 +159,9 @@ std::tuple<at::Tensor, at::Tensor> norm(const at::Tensor& input,
                      static_cast<float>(eps), out.mutable_data_ptr<float>(),
                      add ? summed.mutable_data_ptr<float>() : nullptr);
   } else {
-    using T = c10::BFloat16;
-    norm_rows<T>(x.const_data_ptr<T>(), add ? residual.const_data_ptr<T>() : nullptr,
-                 weight.const_data_ptr<T>(), rows, n, x_stride, residual_stride,
-                 static_cast<float>(eps), out.mutable_data_ptr<T>(),
-                 add ? summed.mutable_data_ptr<T>() : nullptr);
+    norm_rows<uint16_t>(bits(x), add ? bits(residual) : nullptr, bits(weight), rows, n, x_stride,
+                        residual_stride, static_cast<float>(eps), mutable_bits(out),
+                        add ? mutable_bits(summed) : nullptr);
   }
   return {out, summed};
 }
@@ -169,28 +175,32 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
   return norm(x, residual, weight, eps);
 }
 
-// out[t, h] = x[t, h] rotated: first * cos - second * sin, second * cos + first * sin over
-// the rotary dimensions (cos/sin's width), each product rounded to T; the rest copied
+// One head's rotation: first * cos - second * sin, second * cos + first * sin over
+// 2 * half dimensions, each product rounded to T
+template <typename T>
+inline void rotate_head(const T* __restrict__ in, const T* __restrict__ cos,
+                        const T* __restrict__ sin, int64_t half, T* __restrict__ out) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = widen(in[i]), b = widen(in[half + i]);
+    const float a_cos = widen(narrow<T>(a * widen(cos[i])));
+    const float b_sin = widen(narrow<T>(b * widen(sin[i])));
+    const float b_cos = widen(narrow<T>(b * widen(cos[half + i])));
+    const float a_sin = widen(narrow<T>(a * widen(sin[half + i])));
+    out[i] = narrow<T>(a_cos - b_sin);
+    out[half + i] = narrow<T>(b_cos + a_sin);
+  }
+}
+
+// out[t, h] = x[t, h] rotated over the rotary dimensions (cos/sin's width); the rest copied
 template <typename T>
 void rotate(const T* x, const T* cos, const T* sin, int64_t tokens, int64_t heads, int64_t dim,
             int64_t rotary, int64_t token_stride, int64_t head_stride, T* out) {
-  const int64_t half = rotary / 2;
-  at::parallel_for(0, tokens, 16, [&](int64_t first_token, int64_t last_token) {
+  at::parallel_for(0, tokens, 16, [=](int64_t first_token, int64_t last_token) {
     for (int64_t t = first_token; t < last_token; ++t) {
-      const T* c = cos + t * rotary;
-      const T* s = sin + t * rotary;
       for (int64_t h = 0; h < heads; ++h) {
         const T* in = x + t * token_stride + h * head_stride;
         T* o = out + (t * heads + h) * dim;
-        for (int64_t i = 0; i < half; ++i) {
-          const float a = widen(in[i]), b = widen(in[half + i]);
-          const float a_cos = widen(narrow<T>(a * widen(c[i])));
-          const float b_sin = widen(narrow<T>(b * widen(s[i])));
-          const float b_cos = widen(narrow<T>(b * widen(c[half + i])));
-          const float a_sin = widen(narrow<T>(a * widen(s[half + i])));
-          o[i] = narrow<T>(a_cos - b_sin);
-          o[half + i] = narrow<T>(b_cos + a_sin);
-        }
+        rotate_head(in, cos + t * rotary, sin + t * rotary, rotary / 2, o);
         for (int64_t i = rotary; i < dim; ++i) o[i] = in[i];
       }
     }
@@ -218,9 +228,8 @@ at::Tensor rotary(const at::Tensor& input, const at::Tensor& cos_input,
                   sin.const_data_ptr<float>(), tokens, heads, dim, rotary, x.stride(0),
                   x.stride(1), out.mutable_data_ptr<float>());
   } else {
-    using T = c10::BFloat16;
-    rotate<T>(x.const_data_ptr<T>(), cos.const_data_ptr<T>(), sin.const_data_ptr<T>(), tokens,
-              heads, dim, rotary, x.stride(0), x.stride(1), out.mutable_data_ptr<T>());
+    rotate<uint16_t>(bits(x), bits(cos), bits(sin), tokens, heads, dim, rotary, x.stride(0),
+                     x.stride(1), mutable_bits(out));
   }
   return out;
 }
