@@ -98,12 +98,17 @@ def eager_forward(model: nn.Module) -> ModelForward:
     C++ kernel runs a plain self-attention layer without the Python backend
     (``Attention.forward``)."""
     register_op_layers(model)
+    return _with_current_batch(model)
+
+
+def _with_current_batch(call: ModelForward) -> ModelForward:
+    """``call`` run with the step's batch current, for the attention op."""
 
     def forward(
         input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
         with current_batch(batch):
-            out: torch.Tensor = model(input_ids, positions, batch)
+            out: torch.Tensor = call(input_ids, positions, batch)
         return out
 
     return forward
@@ -124,12 +129,4 @@ def compile_forward(model: nn.Module) -> ModelForward:
             "cpp_wrapper": os.environ.get(CPP_WRAPPER_SWITCH, "1") != "0",
         },
     )
-
-    def forward(
-        input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch
-    ) -> torch.Tensor:
-        with current_batch(batch):
-            out: torch.Tensor = compiled(input_ids, positions, batch)
-        return out
-
-    return forward
+    return _with_current_batch(compiled)
