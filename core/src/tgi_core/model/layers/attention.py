@@ -79,11 +79,11 @@ class Attention(nn.Module):
         """``q`` ``[T, H, D]``, ``k``/``v`` ``[T, Hkv, D]`` -> ``[T, H * D]``. An encoder
         layer's tensors are the step's packed encoder tokens; a cross layer takes no
         ``k``/``v`` (they are in the cache)."""
-        if torch.compiler.is_compiling():  # opaque to inductor (model/compiled.py)
-            return opaque.attention(q, k, v, self.op_key)
-        if batch.native_decode is not None and self.op_key >= 0 and opaque.is_current(batch):
-            # a decode step the op's C++ kernel may run alone (attention/native.py); it
-            # hands anything else back to the backend
+        # the op: opaque to inductor (model/compiled.py); in an eager decode step, one its
+        # C++ kernel may run alone (attention/native.py), handing the rest to the backend
+        if torch.compiler.is_compiling() or (
+            batch.native_decode is not None and self.op_key >= 0 and opaque.is_current(batch)
+        ):
             return opaque.attention(q, k, v, self.op_key)
         return batch.backend.forward(self, q, k, v, batch)
 
